@@ -1,0 +1,36 @@
+# Every target creates .venv/ on first use from the pinned constraints; re-running is a no-op.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,peft,eval,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/abkd-train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check abkd_trainer tests benchmarks examples
+	$(PY) -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check abkd_trainer tests benchmarks examples
+	$(PY) -m ruff format --check abkd_trainer tests benchmarks examples
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	$(PY) benchmarks/bench_divergence.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
