@@ -1,0 +1,30 @@
+"""Divergences between teacher and student token distributions.
+
+``pointwise`` holds the per-vocabulary-entry math, ``chunked`` the memory-efficient driver over
+logits, ``functional`` the public functions and registry, ``fused_linear`` the variant that starts
+from hidden states and LM heads and never builds the logits.
+"""
+
+from abkd_trainer.divergences.functional import (
+    DIVERGENCE_NAMES,
+    ab_divergence,
+    forward_kl,
+    generalized_jsd,
+    get_divergence,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+
+__all__ = [
+    "DIVERGENCE_NAMES",
+    "ab_divergence",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "total_variation",
+    "get_divergence",
+]

@@ -1,0 +1,221 @@
+"""Public divergence functions on logits, and the registry the trainer and CLI look names up in.
+
+All functions share one keyword interface and return fp32 values in nats:
+
+* ``student_logits``, ``teacher_logits``: ``(..., V)``, any float dtype, same shape. Only the
+  student receives a gradient; the teacher is a constant target.
+* ``temperature``: divides both logit sets before the softmax. The result is **not** multiplied by
+  ``T**2`` (as in TRL and Liger; multiply yourself for Hinton-style scaling).
+* ``mask``: ``(...)`` bool, True at the positions that count (e.g. supervised tokens).
+* ``reduction``: ``"none"`` (per position, shape ``logits.shape[:-1]``), ``"sum"``, or ``"mean"``
+  over counted positions.
+* ``chunk_size``: tokens per chunk of the memory-efficient driver (None: chosen from ``V``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from abkd_trainer.divergences.chunked import chunked_divergence
+from abkd_trainer.divergences.pointwise import (
+    ABDivergence,
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TotalVariation,
+)
+
+__all__ = [
+    "DIVERGENCE_NAMES",
+    "ab_divergence",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "total_variation",
+    "get_divergence",
+]
+
+
+def ab_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float,
+    beta: float,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Alpha-beta divergence D_AB^(alpha, beta)(p_teacher || q_student) per token (ABKD).
+
+    ``(1, 0)`` is forward KL, ``(0, 1)`` reverse KL; the paper's GPT-2 recipe is ``(0.2, 0.7)``.
+    Exact and continuous in ``(alpha, beta)``, including the limits ``alpha = 0``, ``beta = 0``,
+    ``alpha + beta = 0`` and ``alpha = beta = 0``. See the module docstring for the arguments.
+    """
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        ABDivergence(alpha, beta),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """KL(p_teacher || q_student), the true KL (teacher entropy included), per token."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        ForwardKL(),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """KL(q_student || p_teacher) per token."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        ReverseKL(),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """TRL's generalized JSD per token: ``beta = 0`` forward KL, ``beta = 1`` reverse KL."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        GeneralizedJSD(beta),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    skew_lambda: float = 0.1,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """DistiLLM's skew forward KL, KL(p || lambda p + (1 - lambda) q), per token."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        SkewForwardKL(skew_lambda),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    skew_lambda: float = 0.1,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """DistiLLM's skew reverse KL, KL(q || lambda q + (1 - lambda) p), per token."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        SkewReverseKL(skew_lambda),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def total_variation(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Total variation distance 0.5 * sum_k |p_k - q_k| per token."""
+    return chunked_divergence(
+        student_logits,
+        teacher_logits,
+        TotalVariation(),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+_REGISTRY: dict[str, Callable[..., torch.Tensor]] = {
+    "ab": ab_divergence,
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "jsd": generalized_jsd,
+    "sfkl": skew_forward_kl,
+    "srkl": skew_reverse_kl,
+    "tvd": total_variation,
+}
+DIVERGENCE_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_divergence(name: str) -> Callable[..., torch.Tensor]:
+    """Look a divergence function up by its short name (one of ``DIVERGENCE_NAMES``)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown divergence {name!r}; choose one of {', '.join(DIVERGENCE_NAMES)}."
+        ) from None

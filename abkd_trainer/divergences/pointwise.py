@@ -1,0 +1,316 @@
+"""Per-vocabulary-entry terms of every divergence, in log space.
+
+Every divergence in this package is *separable*: ``D(p || q) = sum_k d(p_k, q_k)`` over the
+vocabulary, where ``p`` is the teacher's and ``q`` the student's token distribution. A divergence is
+therefore fully described by two ``(n, V)`` tensors computed from the log-probabilities:
+
+* ``loss_terms[k] = d(p_k, q_k)``; the per-token loss is ``loss_terms.sum(-1)``;
+* ``grad_weights[k] = q_k * dD/dq_k``; the gradient with respect to the student's logits ``z``
+  (``q = softmax(z)``) is ``grad_weights - q * grad_weights.sum(-1, keepdim=True)``.
+
+The chunked and fused drivers own softmax, chunking, temperature and reductions; the classes here
+only implement those two tensors. Inputs are fp32 log-probabilities in which ``-inf`` has already
+been replaced by :data:`LOG_PROB_FLOOR` (see :mod:`abkd_trainer.divergences.chunked`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "LOG_PROB_FLOOR",
+    "PointwiseDivergence",
+    "ABDivergence",
+    "ForwardKL",
+    "ReverseKL",
+    "GeneralizedJSD",
+    "SkewForwardKL",
+    "SkewReverseKL",
+    "TotalVariation",
+    "make_divergence",
+]
+
+# Finite stand-in for log(0). Far below any log-probability that fp32 softmax produces from real
+# logits (bf16 logits of magnitude 1e4 give about -2e4), yet small enough that products such as
+# (log p - log q)^2 stay finite. Every closed form below tends to its exact limit as an argument
+# goes to this floor whenever that limit is finite (AB with p_k = 0: q_k^(a+b) / (a (a+b))).
+LOG_PROB_FLOOR = -1.0e6
+
+# Below this spread of the exponent nodes, the three-point divided difference of exp is evaluated
+# by its Taylor series (8 terms, truncation error < 1e-8 relative); above it, by the recurrence,
+# whose cancellation error is then below ~4 fp32 ulps.
+_TAYLOR_SPREAD = 0.5
+_TAYLOR_TERMS = 8
+
+
+class PointwiseDivergence(Protocol):
+    """What the chunked and fused drivers need from a divergence."""
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss_terms, grad_weights)``, both fp32 ``(n, V)`` like the inputs."""
+        ...
+
+
+def _check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value}.")
+    return value
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+    value = _check_finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
+    return value
+
+
+def _exp_divided_difference_2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``exp[u, v] = (e^u - e^v) / (u - v)`` (``e^u`` if ``u == v``), stably.
+
+    Shifting by the larger node keeps ``expm1``'s argument non-positive, so nothing overflows
+    unless ``e^max(u, v)`` itself does.
+    """
+    gap = (u - v).abs()
+    ratio = torch.where(gap > 0, -torch.expm1(-gap) / gap, 1.0)
+    return torch.maximum(u, v).exp() * ratio
+
+
+@dataclass(frozen=True)
+class ABDivergence:
+    """Alpha-beta divergence of Cichocki, Cruces & Amari (2011), as used by ABKD.
+
+    ``D = -1/(a b) sum_k [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]`` with its continuous limits
+    at ``a = 0``, ``b = 0``, ``a + b = 0`` and ``a = b = 0``. ``(1, 0)`` is KL(p || q),
+    ``(0, 1)`` is KL(q || p), ``(0.5, 0.5)`` is ``2 sum (sqrt p - sqrt q)^2``.
+
+    With ``x = log p``, ``y = log q``, ``delta = x - y`` and the exponent nodes
+    ``n0 = (a+b) y``, ``n1 = a x + b y``, ``n2 = (a+b) x`` (the logs of ``q^(a+b)``, ``p^a q^b``,
+    ``p^(a+b)``), every case is one formula:
+
+        d_k = delta^2 * exp[n0, n1, n2]          (second divided difference of exp)
+        w_k = q_k dD/dq_k = -delta * exp[n0, n1]
+
+    Divided differences of exp are smooth in their nodes, so the value is continuous in (a, b) by
+    construction and no ``1/(a b)`` is ever formed.
+    ``exp[n0, n1, n2] = e^n0 exp[0, a delta, s delta]`` is a power series in ``delta`` whose
+    coefficients depend on (a, b) only; it is used where the nodes are close, the
+    divided-difference recurrence elsewhere.
+    """
+
+    alpha: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", _check_finite("alpha", self.alpha))
+        object.__setattr__(self, "beta", _check_finite("beta", self.beta))
+
+    def _taylor_coefficients(self) -> list[float]:
+        # exp[0, a d, s d] = sum_k h_k(a, s) d^k / (k + 2)!, with h_k the complete homogeneous
+        # symmetric polynomial of degree k in (a, s).
+        a, s = self.alpha, self.alpha + self.beta
+        return [
+            sum(a**i * s ** (k - i) for i in range(k + 1)) / math.factorial(k + 2)
+            for k in range(_TAYLOR_TERMS)
+        ]
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.alpha, self.beta
+        s = a + b
+        x, y = teacher_log_probs, student_log_probs
+        delta = x - y
+        n0 = s * y
+        n1 = a * x + b * y
+        n2 = s * x
+
+        # exp[n0, n1] appears in the gradient and, for most (a, b), in the recurrence below.
+        dd_01 = _exp_divided_difference_2(n0, n1)
+
+        # Recurrence exp[e1, m, e2] = (exp[m, e2] - exp[e1, m]) / (e2 - e1), m the middle node.
+        # Relative to n0 the nodes sit at 0, a*delta, s*delta, so which one is in the middle depends
+        # only on (a, b), never on the data: the middle of {0, a, s}.
+        if min(0.0, s) <= a <= max(0.0, s):  # n1 in the middle (a, b of equal sign, or a zero)
+            dd_12 = _exp_divided_difference_2(n1, n2)
+            recurrence = (dd_12 - dd_01) / (n2 - n0)
+        elif min(a, s) <= 0.0 <= max(a, s):  # n0 in the middle
+            dd_02 = _exp_divided_difference_2(n0, n2)
+            recurrence = (dd_02 - dd_01) / (n2 - n1)
+        else:  # n2 in the middle
+            dd_02 = _exp_divided_difference_2(n0, n2)
+            dd_12 = _exp_divided_difference_2(n1, n2)
+            recurrence = (dd_12 - dd_02) / (n1 - n0)
+
+        # Power series (Horner) where all nodes lie within _TAYLOR_SPREAD of n0.
+        series = torch.zeros_like(delta)
+        for coefficient in reversed(self._taylor_coefficients()):
+            series = series * delta + coefficient
+        series = series * n0.exp()
+        node_radius = max(abs(a), abs(s)) * delta.abs()
+        dd_012 = torch.where(node_radius <= _TAYLOR_SPREAD, series, recurrence)
+
+        loss_terms = delta.square() * dd_012
+        grad_weights = -delta * dd_01
+        return loss_terms, grad_weights
+
+
+@dataclass(frozen=True)
+class ForwardKL:
+    """KL(p || q) = sum_k p_k (log p_k - log q_k), teacher entropy included (mode-covering)."""
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher_probs = teacher_log_probs.exp()
+        loss_terms = teacher_probs * (teacher_log_probs - student_log_probs)
+        return loss_terms, -teacher_probs
+
+
+@dataclass(frozen=True)
+class ReverseKL:
+    """KL(q || p) = sum_k q_k (log q_k - log p_k) (mode-seeking)."""
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        student_probs = student_log_probs.exp()
+        loss_terms = student_probs * (student_log_probs - teacher_log_probs)
+        return loss_terms, loss_terms + student_probs
+
+
+@dataclass(frozen=True)
+class GeneralizedJSD:
+    """TRL's generalized Jensen-Shannon divergence (``GKDTrainer.generalized_jsd_loss``).
+
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta p + (1 - beta) q``; following
+    TRL, ``beta = 0`` is forward KL(p || q) and ``beta = 1`` is reverse KL(q || p) (the mixture
+    formula itself would vanish at both ends).
+    """
+
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_unit_interval("beta", self.beta))
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.beta == 0.0:
+            return ForwardKL().terms_and_weights(student_log_probs, teacher_log_probs)
+        if self.beta == 1.0:
+            return ReverseKL().terms_and_weights(student_log_probs, teacher_log_probs)
+        mixture_log_probs = torch.logaddexp(
+            teacher_log_probs + math.log(self.beta),
+            student_log_probs + math.log1p(-self.beta),
+        )
+        teacher_part = teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)
+        student_part = student_log_probs.exp() * (student_log_probs - mixture_log_probs)
+        loss_terms = self.beta * teacher_part + (1.0 - self.beta) * student_part
+        # d/dq of the mixture terms cancel: q dD/dq = (1 - beta) q log(q / m).
+        return loss_terms, (1.0 - self.beta) * student_part
+
+
+@dataclass(frozen=True)
+class SkewForwardKL:
+    """DistiLLM's skew forward KL: KL(p || lam p + (1 - lam) q)."""
+
+    skew_lambda: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "skew_lambda", _check_unit_interval("skew_lambda", self.skew_lambda)
+        )
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.skew_lambda
+        if lam == 1.0:  # m = p: the divergence is identically zero
+            zeros = torch.zeros_like(student_log_probs)
+            return zeros, zeros.clone()
+        mixture_log_probs = torch.logaddexp(
+            teacher_log_probs + math.log(lam)
+            if lam > 0
+            else torch.full_like(teacher_log_probs, -math.inf),
+            student_log_probs + math.log1p(-lam),
+        )
+        loss_terms = teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)
+        grad_weights = (
+            -(1.0 - lam) * (teacher_log_probs + student_log_probs - mixture_log_probs).exp()
+        )
+        return loss_terms, grad_weights
+
+
+@dataclass(frozen=True)
+class SkewReverseKL:
+    """DistiLLM's skew reverse KL: KL(q || lam q + (1 - lam) p)."""
+
+    skew_lambda: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "skew_lambda", _check_unit_interval("skew_lambda", self.skew_lambda)
+        )
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.skew_lambda
+        if lam == 1.0:  # m = q: the divergence is identically zero
+            zeros = torch.zeros_like(student_log_probs)
+            return zeros, zeros.clone()
+        mixture_log_probs = torch.logaddexp(
+            student_log_probs + math.log(lam)
+            if lam > 0
+            else torch.full_like(student_log_probs, -math.inf),
+            teacher_log_probs + math.log1p(-lam),
+        )
+        student_probs = student_log_probs.exp()
+        loss_terms = student_probs * (student_log_probs - mixture_log_probs)
+        # q dD/dq = q (log(q / m) + 1 - lam q / m)
+        grad_weights = (
+            loss_terms + student_probs - lam * (2.0 * student_log_probs - mixture_log_probs).exp()
+        )
+        return loss_terms, grad_weights
+
+
+@dataclass(frozen=True)
+class TotalVariation:
+    """Total variation distance 0.5 * sum_k |p_k - q_k| (subgradient 0 where p_k = q_k)."""
+
+    def terms_and_weights(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        student_probs = student_log_probs.exp()
+        difference = student_probs - teacher_log_probs.exp()
+        return 0.5 * difference.abs(), 0.5 * student_probs * difference.sign()
+
+
+def make_divergence(name: str, **params: float) -> PointwiseDivergence:
+    """Build the pointwise divergence registered as ``name`` (see ``DIVERGENCE_NAMES``).
+
+    Parameters: ``ab`` takes ``alpha`` and ``beta``; ``jsd`` takes ``beta``; ``sfkl`` and ``srkl``
+    take ``skew_lambda``; ``fkl``, ``rkl`` and ``tvd`` take none.
+    """
+    factories = {
+        "ab": ABDivergence,
+        "fkl": ForwardKL,
+        "rkl": ReverseKL,
+        "jsd": GeneralizedJSD,
+        "sfkl": SkewForwardKL,
+        "srkl": SkewReverseKL,
+        "tvd": TotalVariation,
+    }
+    if name not in factories:
+        raise ValueError(f"Unknown divergence {name!r}; choose one of {sorted(factories)}.")
+    try:
+        return factories[name](**params)
+    except TypeError as error:
+        raise ValueError(f"Invalid parameters {params} for divergence {name!r}: {error}") from None
