@@ -1,0 +1,192 @@
+"""Training arguments for :class:`abkd_trainer.ABKDTrainer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+
+@dataclass
+class ABKDConfig(SFTConfig):
+    r"""Configuration for [`ABKDTrainer`]: SFT arguments plus the distillation objective.
+
+    The loss on the supervised tokens (``labels != -100``, next-token shifted) is
+
+        kd_ratio * D(teacher || student) + (1 - kd_ratio) * cross_entropy(student, labels)
+
+    where ``D`` is the divergence named by ``divergence`` (the alpha-beta divergence of ABKD,
+    Wang et al., ICML 2025, by default), summed over tokens and divided by the number of
+    supervised tokens in the whole accumulated, all-rank batch. ``temperature`` divides both logit
+    sets inside ``D`` only; the loss is not multiplied by ``temperature**2``.
+
+    Parameters:
+        alpha (`float`, defaults to `0.2`): alpha of the AB-divergence (hardness-concentration).
+        beta (`float`, defaults to `0.7`): beta of the AB-divergence (confidence-concentration).
+            ``(0.2, 0.7)`` is the paper's GPT-2 recipe; ``(1, 0)`` is forward KL, ``(0, 1)``
+            reverse KL.
+        alpha_end, beta_end (`float`, *optional*): when set, alpha / beta move linearly from their
+            start value to this value over the training steps; None keeps them constant.
+        temperature (`float`, defaults to `1.0`): softmax temperature of the divergence.
+        divergence (`str`, defaults to `"ab"`): one of ``abkd_trainer.DIVERGENCE_NAMES``.
+        jsd_beta (`float`, defaults to `0.5`): beta of ``divergence="jsd"`` (TRL convention: 0 is
+            forward KL, 1 reverse KL).
+        skew_lambda (`float`, defaults to `0.1`): skew of ``divergence="sfkl"`` / ``"srkl"``.
+        kd_ratio (`float`, defaults to `1.0`): weight of the divergence; ``1 - kd_ratio`` weights
+            the student's cross-entropy on the same tokens. 1.0 is pure distillation.
+        teacher_model_name_or_path (`str`, *optional*): teacher to load when the trainer is not
+            given one.
+        teacher_model_init_kwargs (`dict`, *optional*): keyword arguments of
+            ``AutoModelForCausalLM.from_pretrained`` for a teacher given by name (e.g.
+            ``{"dtype": "bfloat16"}``).
+        loss_chunk_size (`int`, *optional*): tokens per chunk of the divergence kernel; None picks
+            one from the vocabulary size.
+        disable_dropout (`bool`, defaults to `True`): disable dropout in the student. The teacher
+            always runs in eval mode.
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    alpha: float = field(
+        default=0.2,
+        metadata={
+            "help": "Alpha of the alpha-beta divergence (hardness-concentration). (alpha, beta) "
+            "= (1, 0) is forward KL, (0, 1) reverse KL; the paper's GPT-2 recipe is "
+            "(0.2, 0.7)."
+        },
+    )
+    beta: float = field(
+        default=0.7,
+        metadata={"help": "Beta of the alpha-beta divergence (confidence-concentration)."},
+    )
+    alpha_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set, alpha moves linearly from `alpha` to this value over the training "
+            "steps. Only for `divergence='ab'`."
+        },
+    )
+    beta_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set, beta moves linearly from `beta` to this value over the training "
+            "steps. Only for `divergence='ab'`."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Softmax temperature applied to both teacher and student logits inside the "
+            "divergence. The loss is not multiplied by temperature**2."
+        },
+    )
+    divergence: str = field(
+        default="ab",
+        metadata={
+            "help": "Distillation divergence: 'ab' (alpha-beta, ABKD), 'fkl', 'rkl', 'jsd', "
+            "'sfkl', 'srkl' or 'tvd'."
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Beta of `divergence='jsd'`, in [0, 1]: 0 is forward KL, 1 is reverse KL "
+            "(TRL convention)."
+        },
+    )
+    skew_lambda: float = field(
+        default=0.1,
+        metadata={"help": "Skew coefficient of `divergence='sfkl'` and `'srkl'`, in [0, 1]."},
+    )
+    kd_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Loss = kd_ratio * divergence + (1 - kd_ratio) * cross-entropy, on the same "
+            "supervised tokens. 1.0 is pure distillation."
+        },
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name or path of the teacher model, used when the trainer is not given a "
+            "teacher."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the "
+            'teacher is given by name, e.g. \'{"dtype": "bfloat16"}\'.'
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk when computing the divergence (bounds its fp32 "
+            "temporaries). None picks a size from the vocabulary."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to disable dropout in the student. The teacher always runs in eval "
+            "mode."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # Validate the distillation fields before the (slower) TrainingArguments set-up runs.
+        self._validate_distillation_fields()
+        super().__post_init__()
+        init_kwargs = self.teacher_model_init_kwargs
+        if init_kwargs is not None and not isinstance(init_kwargs, dict):
+            raise ValueError(
+                "`teacher_model_init_kwargs` must be a dict or a JSON object string, got "
+                f"{type(init_kwargs).__name__}: {init_kwargs!r}."
+            )
+
+    def _validate_distillation_fields(self) -> None:
+        from abkd_trainer.divergences import DIVERGENCE_NAMES
+
+        for name in ("alpha", "beta"):
+            _require_finite(name, getattr(self, name))
+        for name in ("alpha_end", "beta_end"):
+            if getattr(self, name) is not None:
+                _require_finite(name, getattr(self, name))
+        temperature = _require_finite("temperature", self.temperature)
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        for name in ("kd_ratio", "jsd_beta", "skew_lambda"):
+            value = _require_finite(name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(
+                f"`divergence` must be one of {', '.join(DIVERGENCE_NAMES)}, "
+                f"got {self.divergence!r}."
+            )
+        if self.divergence != "ab" and (self.alpha_end is not None or self.beta_end is not None):
+            raise ValueError(
+                f"`alpha_end` / `beta_end` schedule the alpha-beta divergence, but `divergence` is "
+                f"{self.divergence!r}. Set `divergence='ab'` or leave them unset."
+            )
+        if self.loss_chunk_size is not None and (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 1
+        ):
+            raise ValueError(
+                "`loss_chunk_size` must be a positive integer or None, "
+                f"got {self.loss_chunk_size!r}."
+            )
+
+
+def _require_finite(name: str, value: Any) -> float:
+    """``value`` as a float; a ValueError naming the field if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return float(value)

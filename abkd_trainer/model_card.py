@@ -1,0 +1,43 @@
+"""The distillation section added to TRL's generated model card."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+SECTION_TITLE = "## Distillation"
+# TRL's lm_model_card.md template: the section goes in front of the first of these headings.
+_ANCHORS = ("### Framework versions", "## Citations")
+
+
+def distillation_section(settings: Mapping[str, object]) -> str:
+    """Markdown for the distillation set-up: a sentence and a two-column table of ``settings``."""
+    rows = "\n".join(f"| {name} | {_format(value)} |" for name, value in settings.items())
+    return (
+        f"{SECTION_TITLE}\n\n"
+        "This model is a student distilled from the teacher below with ABKD (knowledge "
+        "distillation with the alpha-beta divergence, "
+        "[arXiv 2505.04560](https://arxiv.org/abs/2505.04560)).\n\n"
+        "| setting | value |\n| --- | --- |\n"
+        f"{rows}\n\n"
+    )
+
+
+def add_distillation_section(card_text: str, settings: Mapping[str, object]) -> str:
+    """``card_text`` with :func:`distillation_section` inserted (replacing an earlier one)."""
+    section = distillation_section(settings)
+    if SECTION_TITLE in card_text:
+        # A card rewritten at every checkpoint keeps a single, current section.
+        start = card_text.index(SECTION_TITLE)
+        following = [card_text.find(anchor, start) for anchor in _ANCHORS]
+        end = min((index for index in following if index != -1), default=len(card_text))
+        card_text = card_text[:start] + card_text[end:]
+    for anchor in _ANCHORS:
+        if anchor in card_text:
+            index = card_text.index(anchor)
+            return card_text[:index] + section + card_text[index:]
+    return card_text.rstrip("\n") + "\n\n" + section
+
+
+def _format(value: object) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")  # keep the table intact

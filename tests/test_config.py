@@ -1,0 +1,162 @@
+"""ABKDConfig: defaults, help text, validation at construction, command-line parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from testing_utils import cpu_training_kwargs
+from transformers import HfArgumentParser
+from trl import SFTConfig
+
+from abkd_trainer import DIVERGENCE_NAMES, ABKDConfig
+
+ABKD_FIELDS = (
+    "alpha",
+    "beta",
+    "alpha_end",
+    "beta_end",
+    "temperature",
+    "divergence",
+    "jsd_beta",
+    "skew_lambda",
+    "kd_ratio",
+    "teacher_model_name_or_path",
+    "teacher_model_init_kwargs",
+    "loss_chunk_size",
+    "disable_dropout",
+)
+
+
+def make_config(tmp_path, **overrides) -> ABKDConfig:
+    return ABKDConfig(output_dir=str(tmp_path), **{**cpu_training_kwargs(), **overrides})
+
+
+def test_is_an_sft_config_with_the_paper_defaults(tmp_path):
+    config = make_config(tmp_path)
+    assert isinstance(config, SFTConfig)
+    assert (config.alpha, config.beta) == (0.2, 0.7)  # the paper's GPT-2 recipe
+    assert config.divergence == "ab"
+    assert config.temperature == 1.0
+    assert config.kd_ratio == 1.0
+    assert config.alpha_end is None and config.beta_end is None
+    assert config.disable_dropout is True
+    assert config.teacher_model_name_or_path is None
+    assert config.loss_chunk_size is None
+
+
+def test_every_distillation_field_has_help_text():
+    fields = {f.name: f for f in dataclasses.fields(ABKDConfig)}
+    for name in ABKD_FIELDS:
+        assert name in fields, name
+        help_text = fields[name].metadata.get("help", "")
+        assert len(help_text) > 20, f"{name} has no useful help: {help_text!r}"
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [
+        ("alpha", math.nan),
+        ("alpha", math.inf),
+        ("beta", math.nan),
+        ("beta", -math.inf),
+        ("alpha_end", math.nan),
+        ("beta_end", math.inf),
+        ("temperature", 0.0),
+        ("temperature", -1.0),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("kd_ratio", -0.1),
+        ("kd_ratio", 1.5),
+        ("kd_ratio", math.nan),
+        ("jsd_beta", 1.2),
+        ("skew_lambda", -0.5),
+        ("divergence", "kl"),
+        ("loss_chunk_size", 0),
+        ("loss_chunk_size", 2.5),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(tmp_path, field_name, value):
+    with pytest.raises(ValueError, match=f"`{field_name}`"):
+        make_config(tmp_path, **{field_name: value})
+
+
+@pytest.mark.parametrize("field_name", ["alpha", "beta", "kd_ratio", "temperature"])
+def test_non_numbers_are_rejected(tmp_path, field_name):
+    with pytest.raises(ValueError, match=f"`{field_name}` must be a number"):
+        make_config(tmp_path, **{field_name: "0.5"})
+
+
+def test_schedule_end_values_need_the_ab_divergence(tmp_path):
+    with pytest.raises(ValueError, match="`alpha_end`"):
+        make_config(tmp_path, divergence="fkl", alpha_end=0.5)
+    config = make_config(tmp_path, divergence="ab", alpha_end=0.5, beta_end=0.1)
+    assert (config.alpha_end, config.beta_end) == (0.5, 0.1)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_every_registered_divergence_is_accepted(tmp_path, divergence):
+    assert make_config(tmp_path, divergence=divergence).divergence == divergence
+
+
+def test_boundary_values_are_valid(tmp_path):
+    # Limits of the AB family and the ends of the unit intervals are legitimate settings.
+    config = make_config(tmp_path, alpha=0.0, beta=0.0, kd_ratio=0.0, jsd_beta=1.0, skew_lambda=0.0)
+    assert (config.alpha, config.beta, config.kd_ratio) == (0.0, 0.0, 0.0)
+    assert make_config(tmp_path, alpha=1, beta=0, kd_ratio=1).alpha == 1
+
+
+def test_teacher_init_kwargs_accept_a_json_string(tmp_path):
+    config = make_config(tmp_path, teacher_model_init_kwargs='{"dtype": "bfloat16"}')
+    assert config.teacher_model_init_kwargs == {"dtype": "bfloat16"}
+
+
+def test_teacher_init_kwargs_reject_other_types(tmp_path):
+    with pytest.raises(ValueError, match="`teacher_model_init_kwargs`"):
+        make_config(tmp_path, teacher_model_init_kwargs="bfloat16")
+
+
+def test_command_line_parsing(tmp_path):
+    parser = HfArgumentParser(ABKDConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
+            "--alpha",
+            "0.5",
+            "--beta",
+            "0.25",
+            "--beta_end",
+            "0.75",
+            "--divergence",
+            "ab",
+            "--kd_ratio",
+            "0.9",
+            "--teacher_model_name_or_path",
+            "org/teacher",
+            "--teacher_model_init_kwargs",
+            '{"dtype": "float32"}',
+            "--loss_chunk_size",
+            "64",
+        ]
+    )
+    assert (config.alpha, config.beta, config.beta_end) == (0.5, 0.25, 0.75)
+    assert config.alpha_end is None
+    assert config.kd_ratio == 0.9
+    assert config.teacher_model_name_or_path == "org/teacher"
+    assert config.teacher_model_init_kwargs == {"dtype": "float32"}
+    assert config.loss_chunk_size == 64
+
+
+def test_command_line_rejects_invalid_values(tmp_path):
+    parser = HfArgumentParser(ABKDConfig)
+    with pytest.raises(ValueError, match="`temperature`"):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--temperature", "0"]
+        )

@@ -1,0 +1,103 @@
+"""The model card and what push_to_hub would upload (stopped at the HTTP boundary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import transformers.trainer
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+from testing_utils import build_abkd_trainer, build_student_and_teacher, build_tiny_tokenizer
+
+REQUIRED_TAGS = {"abkd", "knowledge-distillation", "trl"}
+
+
+def distilled_trainer(tmp_path, **overrides):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("qwen2", tokenizer)
+    teacher.config._name_or_path = "acme/teacher-7b"  # as if loaded from the Hub
+    return build_abkd_trainer(
+        tmp_path,
+        tokenizer=tokenizer,
+        student=student,
+        teacher=teacher,
+        alpha=0.3,
+        beta=0.6,
+        **overrides,
+    )
+
+
+def assert_abkd_card(card_path: Path, *, alpha: str, beta: str) -> None:
+    card = ModelCard.load(card_path)
+    assert REQUIRED_TAGS <= set(card.data.tags)
+    text = card.text
+    assert "2505.04560" in text  # paper link and BibTeX citation
+    assert "@inproceedings{wang2025abkd" in text
+    assert "| Teacher | acme/teacher-7b |" in text
+    assert "| Divergence | ab |" in text
+    assert f"| alpha | {alpha} |" in text
+    assert f"| beta | {beta} |" in text
+    assert text.count("## Distillation") == 1
+
+
+def test_model_card_written_on_save(tmp_path):
+    trainer = distilled_trainer(tmp_path / "run")
+    trainer.train()
+    trainer.save_model()
+    assert_abkd_card(tmp_path / "run" / "README.md", alpha="0.3", beta="0.6")
+    # Saving again (as at every checkpoint) keeps one section.
+    trainer.save_model(str(tmp_path / "elsewhere"))
+    assert_abkd_card(tmp_path / "elsewhere" / "README.md", alpha="0.3", beta="0.6")
+
+
+def test_model_card_records_the_schedule(tmp_path):
+    trainer = distilled_trainer(tmp_path, alpha_end=0.9)
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "| alpha_end | 0.9 |" in text
+    assert "beta_end" not in text
+
+
+class RecordingHubApi:
+    """Stands in for huggingface_hub.HfApi: records what would be sent, sends nothing."""
+
+    def __init__(self) -> None:
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        files = {
+            str(path.relative_to(folder_path)): path.read_bytes()
+            for path in Path(folder_path).rglob("*")
+            if path.is_file()
+        }
+        self.uploads.append({"repo_id": repo_id, "files": files, "ignore": list(ignore_patterns)})
+        return SimpleNamespace(commit_url="https://example.invalid/commit")
+
+
+def test_push_to_hub_uploads_the_student_only(tmp_path, monkeypatch):
+    api = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    trainer = distilled_trainer(tmp_path / "run", hub_model_id="acme/abkd-student")
+    trainer.train()
+    trainer.push_to_hub()
+
+    (upload,) = api.uploads
+    assert upload["repo_id"] == "acme/abkd-student"
+    files = upload["files"]
+    assert "model.safetensors" in files and "config.json" in files
+    # training_args.bin is Trainer's pickled arguments; weights travel as safetensors only.
+    weight_files = [name for name in files if name.endswith((".safetensors", ".pt", ".pth"))]
+    weight_files += [name for name in files if name.startswith("pytorch_model")]
+    assert weight_files == ["model.safetensors"]
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), framework="pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    student = {name: tuple(t.shape) for name, t in trainer.model.state_dict().items()}
+    assert stored.items() <= student.items()
+    teacher_bytes = sum(p.numel() * p.element_size() for p in trainer.teacher_model.parameters())
+    assert len(files["model.safetensors"]) < teacher_bytes
+    assert_abkd_card(tmp_path / "run" / "README.md", alpha="0.3", beta="0.6")
+    assert "README.md" in files
