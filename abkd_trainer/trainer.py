@@ -363,11 +363,12 @@ class ABKDTrainer(SFTTrainer):
         )
         # Logged even when kd_ratio == 1; only part of the graph when it is trained on.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.kd_ratio < 1.0):
-            # Upcast like transformers' causal-LM loss: half-precision log-softmax loses digits.
+            # Supervised rows only (prompt tokens would just be masked out), upcast like
+            # transformers' causal-LM loss: half-precision log-softmax loses digits.
+            supervised_rows = supervised.nonzero(as_tuple=True)
             ce_sum = F.cross_entropy(
-                student_logits.flatten(0, 1).float(),
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
+                student_logits[supervised_rows].float(),
+                targets[supervised_rows],
                 reduction="sum",
             )
 

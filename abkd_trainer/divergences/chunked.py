@@ -41,7 +41,7 @@ def rowwise_loss_and_grad(
     temperature: float = 1.0,
     compute_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token divergence and its gradient for one chunk, all in fp32.
+    """Per-token divergence and its gradient for one chunk, in fp32 (float64 for float64 input).
 
     Args:
         student_logits: ``(n, V)`` raw student logits, any float dtype.
@@ -53,8 +53,9 @@ def rowwise_loss_and_grad(
     Returns:
         ``row_losses`` ``(n,)`` and ``grad_student_logits`` ``(n, V)`` (d row_loss / d raw logits).
     """
-    student = student_logits.float()
-    teacher = teacher_logits.float()
+    compute_dtype = _compute_dtype(student_logits.dtype)
+    student = student_logits.to(compute_dtype)
+    teacher = teacher_logits.to(compute_dtype)
     if temperature != 1.0:
         student = student / temperature
         teacher = teacher / temperature
@@ -99,7 +100,16 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         num_tokens = student_logits.shape[0]
         needs_grad = ctx.needs_input_grad[0]
-        row_losses = torch.zeros(num_tokens, dtype=torch.float32, device=student_logits.device)
+        row_losses = torch.zeros(
+            num_tokens, dtype=_compute_dtype(student_logits.dtype), device=student_logits.device
+        )
+        # fp16 cannot hold a token's unscaled gradient (it can exceed 65504 before the 1/N of a
+        # mean is applied): store each row normalised to max |g| = 1 with its fp32 scale.
+        ctx.row_scale = None
+        if needs_grad and student_logits.dtype == torch.float16:
+            ctx.row_scale = torch.ones(
+                num_tokens, dtype=torch.float32, device=student_logits.device
+            )
         grad = None
         if needs_grad:
             # Unselected rows must read as zero gradient; without a selection all rows are written.
@@ -125,6 +135,13 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
             chunk_losses, chunk_grad = rowwise_loss_and_grad(
                 student_chunk, teacher_chunk, divergence, temperature, compute_grad=needs_grad
             )
+            if ctx.row_scale is not None:
+                chunk_scale = chunk_grad.abs().amax(dim=-1).clamp_min(1e-30)
+                chunk_grad = chunk_grad / chunk_scale.unsqueeze(-1)
+                if index is None:
+                    ctx.row_scale[block] = chunk_scale
+                else:
+                    ctx.row_scale.index_copy_(0, index, chunk_scale)
             if index is None:
                 row_losses[block] = chunk_losses
                 if needs_grad:
@@ -141,10 +158,27 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row_losses: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        # In place: the stored gradient is the returned gradient, so backward allocates nothing.
-        # (A second backward through the same graph fails autograd's version check.)
-        grad.mul_(grad_row_losses.unsqueeze(-1).to(grad.dtype))
-        return grad, None, None, None, None, None
+        scale = grad_row_losses.unsqueeze(-1)
+        if ctx.row_scale is not None:
+            scale = scale * ctx.row_scale.unsqueeze(-1)
+        scale = scale.to(grad.dtype)
+        # In place, so backward allocates nothing: the stored gradient becomes the returned one.
+        # Only when the graph is kept (retain_graph, gradcheck) is the stored gradient needed again.
+        if _graph_is_kept():
+            return grad * scale, None, None, None, None, None
+        return grad.mul_(scale), None, None, None, None, None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``) for another pass."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    # Without the query (other torch versions), stay correct at the cost of one extra gradient.
+    return True if keep_graph is None else bool(keep_graph())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision and fp32 logits, float64 for float64 logits."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _validate(
@@ -210,7 +244,7 @@ def chunked_divergence(
         chunk_size: tokens per chunk; None picks ~``DEFAULT_CHUNK_ELEMENTS`` fp32 values per chunk.
 
     Returns:
-        fp32 tensor, in nats.
+        fp32 tensor (float64 for float64 logits), in nats.
     """
     _validate(student_logits, teacher_logits, temperature, mask, reduction, chunk_size)
     position_shape = student_logits.shape[:-1]

@@ -1,6 +1,7 @@
 """Public divergence functions on logits, and the registry the trainer and CLI look names up in.
 
-All functions share one keyword interface and return fp32 values in nats:
+All functions share one keyword interface and return values in nats, computed and returned in
+fp32 (float64 for float64 logits) whatever the logits' dtype:
 
 * ``student_logits``, ``teacher_logits``: ``(..., V)``, any float dtype, same shape. Only the
   student receives a gradient; the teacher is a constant target.

@@ -9,8 +9,10 @@ therefore fully described by two ``(n, V)`` tensors computed from the log-probab
   (``q = softmax(z)``) is ``grad_weights - q * grad_weights.sum(-1, keepdim=True)``.
 
 The chunked and fused drivers own softmax, chunking, temperature and reductions; the classes here
-only implement those two tensors. Inputs are fp32 log-probabilities in which ``-inf`` has already
-been replaced by :data:`LOG_PROB_FLOOR` (see :mod:`abkd_trainer.divergences.chunked`).
+only implement those two tensors. They are not meant to be differentiated by autograd (they work
+in place); the drivers apply the gradient formula above. Inputs are fp32 (or float64)
+log-probabilities in which ``-inf`` has already been replaced by :data:`LOG_PROB_FLOOR`
+(see :mod:`abkd_trainer.divergences.chunked`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ LOG_PROB_FLOOR = -1.0e6
 # by its Taylor series (8 terms, truncation error < 1e-8 relative); above it, by the recurrence,
 # whose cancellation error is then below ~4 fp32 ulps.
 _TAYLOR_SPREAD = 0.5
+# An exponent below this is zero for the expm1 form: c |delta| <= 1e-24 even at LOG_PROB_FLOOR,
+# while 1 / c would overflow fp32 (found by hypothesis at beta = 6e-64).
+_NEGLIGIBLE_EXPONENT = 1e-30
 _TAYLOR_TERMS = 8
 
 
@@ -167,7 +172,7 @@ class ABDivergence:
         n1 = torch.add(n0, delta, alpha=a)
 
         def scaled_difference(low_node: torch.Tensor, c: float) -> torch.Tensor:
-            if c == 0.0:
+            if c < _NEGLIGIBLE_EXPONENT:  # expm1(-c |delta|) / c -> -|delta|, no 0 * inf
                 return low_node.exp().mul_(delta)
             value = torch.add(low_node, positive_delta, alpha=c).exp_()
             return value.mul_(torch.expm1(abs_delta.mul(-c))).mul_(sign).mul_(-1.0 / c)
@@ -324,9 +329,9 @@ class SkewReverseKL:
         student_probs = student_log_probs.exp()
         loss_terms = student_probs * (student_log_probs - mixture_log_probs)
         # q dD/dq = q (log(q / m) + 1 - lam q / m)
-        grad_weights = (
-            loss_terms + student_probs - lam * (2.0 * student_log_probs - mixture_log_probs).exp()
-        )
+        grad_weights = loss_terms + student_probs
+        if lam > 0:
+            grad_weights = grad_weights - lam * (2.0 * student_log_probs - mixture_log_probs).exp()
         return loss_terms, grad_weights
 
 

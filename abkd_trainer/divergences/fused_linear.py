@@ -1,0 +1,793 @@
+"""Distillation losses from hidden states and LM heads, without ever building the ``(N, V)`` logits.
+
+At today's vocabularies (Llama-3 128256, Qwen2.5 151936, Gemma 256000) the teacher's and the
+student's logits, not the weights, are what runs out of memory. The functions here take both
+models' final hidden states and LM-head weights instead and walk the counted tokens in two nested
+tile sizes:
+
+* a **projection tile** of ``chunk_size`` rows: one GEMM per model writes the raw logits
+  (``hidden @ weight.T + bias``) into a preallocated fp32 ``(chunk_size, V)`` buffer, and the
+  models' logit post-processing (``logit_scale``, Gemma-style ``final_logit_softcapping``) is
+  applied in place;
+* **divergence tiles** of a few rows inside it (``POINTWISE_TILE_ELEMENTS`` values): each goes
+  through :func:`~abkd_trainer.divergences.chunked.rowwise_loss_and_grad`, the routine the
+  logits-based functions use, so every registry divergence works and the values are those of
+  :func:`~abkd_trainer.divergences.ab_divergence` on materialised logits. The optional
+  cross-entropy on ``labels`` and top-1 teacher agreement are computed here too, and the gradient
+  with respect to the raw logits overwrites the tile's logits in the student buffer;
+* back in the projection tile, two GEMMs fold that gradient into the student's hidden states and
+  head weight (``g @ W``, ``g.T @ h``) and a sum into its bias.
+
+Why two sizes: the GEMMs want many rows (each projection tile re-reads the head weight), while the
+divergence's ~40 elementwise passes want small, cache-resident temporaries. On CPU, fresh
+multi-megabyte temporaries cost more in page faults than the arithmetic on them, so the small
+divergence tiles run several times faster than large ones.
+
+Scalar reductions (``"sum"``, ``"mean"``) compute the gradients during the forward pass, like
+Liger-Kernel, so each model's projection runs once and backward only rescales what forward stored:
+two GEMMs fewer than recomputing the logits in backward (TRL's ``ChunkedDivergenceFunction``).
+``reduction="none"`` cannot know the per-row output gradients in advance; it keeps the inputs and
+recomputes the tiles in backward.
+
+Extra memory: two fp32 ``(chunk_size, V)`` buffers, the temporaries of one divergence tile, and one
+fp32 accumulator the size of the student's head weight; never an ``(N, V)`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from abkd_trainer.divergences.chunked import rowwise_loss_and_grad
+from abkd_trainer.divergences.pointwise import ABDivergence, PointwiseDivergence, make_divergence
+
+__all__ = [
+    "DEFAULT_FUSED_CHUNK_ELEMENTS",
+    "POINTWISE_TILE_ELEMENTS",
+    "FusedLinearDistillationOutput",
+    "LogitTransform",
+    "default_fused_chunk_size",
+    "fused_linear_ab_divergence",
+    "fused_linear_divergence",
+]
+
+# Values per projection buffer (32 MiB in fp32; 262 rows at V = 32000, 55 at V = 151936): enough
+# rows for CPU GEMMs to run near peak, while two buffers stay far below one logits tensor.
+# Accelerators want more rows per GEMM; pass a larger `chunk_size` there.
+DEFAULT_FUSED_CHUNK_ELEMENTS = 2**23
+# Values per divergence tile (1 MiB in fp32; 8 rows at V = 32000): its temporaries stay in cache
+# and are recycled by the allocator, which on CPU is 3-4x faster than 128-row tiles.
+POINTWISE_TILE_ELEMENTS = 2**18
+_REDUCTIONS = ("none", "sum", "mean")
+IGNORE_INDEX = -100
+
+
+def default_fused_chunk_size(vocab_size: int) -> int:
+    """Tokens per projection tile: ``DEFAULT_FUSED_CHUNK_ELEMENTS // vocab_size`` (at least 1)."""
+    return max(1, DEFAULT_FUSED_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``hidden @ weight.T + bias`` before its softmax.
+
+    ``logits = softcap * tanh(scale * raw / softcap)`` with soft-capping (Gemma 2/3
+    ``final_logit_softcapping``), ``scale * raw`` without (Cohere ``logit_scale``; 1.0 for most
+    models). The scale comes first, as in transformers' models and TRL's kernels.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"`logit_scale` must be a number, got {self.scale!r}.")
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError(f"`logit_scale` must be finite and non-zero, got {self.scale}.")
+        if self.softcap is not None and (
+            isinstance(self.softcap, bool)
+            or not isinstance(self.softcap, (int, float))
+            or not 0 < self.softcap < math.inf
+        ):
+            raise ValueError(
+                f"`logit_softcap` must be a positive finite number or None, got {self.softcap!r}."
+            )
+
+    def apply_(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        """Transform ``raw_logits`` ``(n, V)`` in place and return it."""
+        if self.softcap is not None:
+            return raw_logits.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+        return raw_logits if self.scale == 1.0 else raw_logits.mul_(self.scale)
+
+    def grad_to_raw_(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Turn ``grad`` w.r.t. the transformed ``logits`` into the gradient w.r.t. the raw ones.
+
+        With soft-capping, ``d logits / d raw = scale * (1 - tanh^2)`` and ``tanh = logits /
+        softcap``, so the derivative is read off the transformed logits; nothing else is kept.
+        """
+        if self.softcap is not None:
+            one_minus_tanh_sq = logits.mul(1.0 / self.softcap).square_().neg_().add_(1.0)
+            grad.mul_(one_minus_tanh_sq)
+        return grad if self.scale == 1.0 else grad.mul_(self.scale)
+
+
+class FusedLinearDistillationOutput(NamedTuple):
+    """What the fused functions return when given ``labels``; each value uses ``reduction``.
+
+    Attributes:
+        loss: ``divergence_weight * divergence + ce_weight * cross_entropy``, the only field that
+            carries a gradient.
+        divergence: the divergence, detached.
+        cross_entropy: the student's cross-entropy on ``labels`` (temperature 1, after the logit
+            transform), detached.
+        teacher_agreement: 1.0 where the student's and the teacher's top-1 tokens agree, detached
+            (``"mean"``: the agreement rate; ``"sum"``: the number of agreeing tokens).
+        num_tokens: number of counted (mask-true) positions, an int64 scalar.
+    """
+
+    loss: torch.Tensor
+    divergence: torch.Tensor
+    cross_entropy: torch.Tensor
+    teacher_agreement: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _LossSpec:
+    """Everything the tile loops need besides tensors (one object, so autograd sees one arg)."""
+
+    divergence: PointwiseDivergence
+    temperature: float
+    student_transform: LogitTransform
+    teacher_transform: LogitTransform
+    vocab_size: int
+    chunk_size: int
+    with_labels: bool
+    divergence_weight: float
+    ce_weight: float
+    # GEMM input dtypes: the hidden states' dtype, or the autocast dtype active at the call.
+    student_dtype: torch.dtype
+    teacher_dtype: torch.dtype
+
+    @property
+    def pointwise_rows(self) -> int:
+        return max(1, POINTWISE_TILE_ELEMENTS // self.vocab_size)
+
+
+def _gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype a model's LM head would run its GEMM in: autocast's, else the hidden states'."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Sums over tiles are kept in at least fp32: rounding each tile's product to 16 bits before
+    # adding biases the weight gradient.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _tiles(num_rows: int, tile_rows: int) -> Iterator[slice]:
+    for start in range(0, num_rows, tile_rows):
+        yield slice(start, min(start + tile_rows, num_rows))
+
+
+def _project_into(
+    out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Write the raw logits ``hidden @ weight.T + bias`` ``(n, V)`` into ``out`` (fp32 or wider)."""
+    if hidden.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    elif out.device.type == "cuda":
+        # 16-bit GEMM with an fp32 output: the logits are never rounded to 16 bits.
+        torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(hidden, weight.t()))
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _cross_entropy_and_grad(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    divergence_grad: torch.Tensor | None,
+    spec: _LossSpec,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row CE ``(n,)`` and ``divergence_weight * divergence_grad + ce_weight * CE grad``."""
+    log_normaliser = torch.logsumexp(student_logits, dim=-1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    cross_entropy = log_normaliser - student_logits[rows, labels]
+    if not compute_grad:
+        return cross_entropy, None
+    grad = divergence_grad
+    if grad is not None and spec.divergence_weight != 1.0:
+        grad.mul_(spec.divergence_weight)
+    if spec.ce_weight != 0.0:
+        # d CE / d z = softmax(z) - onehot(label)
+        ce_grad = student_logits.sub(log_normaliser.unsqueeze(-1)).exp_()
+        ce_grad[rows, labels] -= 1.0
+        if grad is None:
+            grad = ce_grad.mul_(spec.ce_weight)
+        else:
+            grad.add_(ce_grad, alpha=spec.ce_weight)
+    return cross_entropy, grad
+
+
+def _divergence_tile(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    spec: _LossSpec,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row results of a few rows of transformed logits ``(m, V)``.
+
+    Returns ``divergence`` ``(m,)``; ``cross_entropy`` and ``agreement`` ``(m,)`` (None without
+    labels); and, if ``compute_grad``, the gradient of ``divergence_weight * divergence +
+    ce_weight * cross_entropy`` with respect to the student's *raw* logits ``(m, V)``.
+    """
+    divergence, grad = rowwise_loss_and_grad(
+        student_logits,
+        teacher_logits,
+        spec.divergence,
+        spec.temperature,
+        compute_grad=compute_grad and spec.divergence_weight != 0.0,
+    )
+    cross_entropy = agreement = None
+    if spec.with_labels:
+        agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+        cross_entropy, grad = _cross_entropy_and_grad(
+            student_logits, labels, grad, spec, compute_grad
+        )
+    if not compute_grad:
+        return divergence, cross_entropy, agreement, None
+    if grad is None:  # both loss weights are zero
+        grad = torch.zeros_like(student_logits)
+    return (
+        divergence,
+        cross_entropy,
+        agreement,
+        spec.student_transform.grad_to_raw_(grad, student_logits),
+    )
+
+
+def _walk_tiles(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    spec: _LossSpec,
+    needs_grad: tuple[bool, bool, bool],
+    row_grad_weights: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    """Run every tile; return the per-row ``(divergence[, ce, agreement])`` and the gradients.
+
+    ``needs_grad`` says which of the student's (hidden, weight, bias) need a gradient; they are the
+    gradients of ``sum_i r_i * loss_i`` with ``r = row_grad_weights`` (1 if None), for the whole
+    ``(V_head, H)`` weight (zero in rows from ``vocab_size`` on), in fp32 or wider.
+    """
+    # The GEMM dtypes were fixed by the caller (``spec``): autocast must not re-decide them, and
+    # the recomputation in backward runs outside the caller's autocast region anyway.
+    with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
+        return _walk_tiles_impl(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+            teacher_bias, labels, spec, needs_grad, row_grad_weights,
+        )  # fmt: skip
+
+
+def _walk_tiles_impl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    spec: _LossSpec,
+    needs_grad: tuple[bool, bool, bool],
+    row_grad_weights: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    vocab = spec.vocab_size
+    # Row slices of the real vocabulary are views (no copy): padded rows never enter the softmax.
+    # A head in another dtype than its GEMM (autocast, fp32 master weights) is cast once here.
+    student_head = student_weight[:vocab].to(spec.student_dtype)
+    teacher_head = teacher_weight[:vocab].to(spec.teacher_dtype)
+    student_head_bias = None if student_bias is None else student_bias[:vocab]
+    teacher_head_bias = None if teacher_bias is None else teacher_bias[:vocab]
+
+    num_rows = student_hidden.shape[0]
+    device = student_hidden.device
+    divergence = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    cross_entropy = torch.zeros_like(divergence) if spec.with_labels else None
+    agreement = torch.zeros_like(divergence) if spec.with_labels else None
+
+    hidden_grad_needed, weight_grad_needed, bias_grad_needed = needs_grad
+    compute_grad = any(needs_grad)
+    grad_hidden = grad_weight = grad_bias = None
+    if hidden_grad_needed:
+        grad_hidden = torch.zeros(
+            student_hidden.shape, dtype=_accumulator_dtype(student_hidden.dtype), device=device
+        )
+    if weight_grad_needed:
+        grad_weight = torch.zeros(
+            student_weight.shape, dtype=_accumulator_dtype(student_weight.dtype), device=device
+        )
+    if bias_grad_needed:
+        grad_bias = torch.zeros(
+            student_bias.shape, dtype=_accumulator_dtype(student_bias.dtype), device=device
+        )
+
+    work_dtype = torch.promote_types(
+        torch.promote_types(spec.student_dtype, spec.teacher_dtype), torch.float32
+    )
+    buffer_rows = min(spec.chunk_size, num_rows)
+    student_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
+    teacher_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
+
+    for rows in _tiles(num_rows, spec.chunk_size):
+        count = rows.stop - rows.start
+        hidden_tile = student_hidden[rows].to(spec.student_dtype)
+        student_logits = spec.student_transform.apply_(
+            _project_into(student_buffer[:count], hidden_tile, student_head, student_head_bias)
+        )
+        teacher_logits = spec.teacher_transform.apply_(
+            _project_into(
+                teacher_buffer[:count],
+                teacher_hidden[rows].to(spec.teacher_dtype),
+                teacher_head,
+                teacher_head_bias,
+            )
+        )
+        for part in _tiles(count, spec.pointwise_rows):
+            absolute = slice(rows.start + part.start, rows.start + part.stop)
+            part_div, part_ce, part_agree, part_grad = _divergence_tile(
+                student_logits[part],
+                teacher_logits[part],
+                None if labels is None else labels[absolute],
+                spec,
+                compute_grad,
+            )
+            divergence[absolute] = part_div
+            if spec.with_labels:
+                cross_entropy[absolute] = part_ce
+                agreement[absolute] = part_agree
+            if part_grad is not None:
+                # These logits are spent: their rows of the buffer now hold the gradient.
+                student_logits[part] = part_grad
+        if not compute_grad:
+            continue
+        grad_tile = student_logits
+        if row_grad_weights is not None:
+            grad_tile.mul_(row_grad_weights[rows].unsqueeze(-1).to(grad_tile.dtype))
+        if grad_hidden is not None:
+            # One GEMM spans the whole vocabulary of these rows: no sum across tiles to round.
+            grad_hidden[rows] = torch.mm(grad_tile.to(student_head.dtype), student_head)
+        if grad_weight is not None:
+            grad_weight[:vocab].addmm_(
+                grad_tile.t().to(grad_weight.dtype), student_hidden[rows].to(grad_weight.dtype)
+            )
+        if grad_bias is not None:
+            grad_bias[:vocab] += grad_tile.sum(dim=0).to(grad_bias.dtype)
+
+    per_row = (divergence,) if not spec.with_labels else (divergence, cross_entropy, agreement)
+    return per_row, (grad_hidden, grad_weight, grad_bias)
+
+
+def _split_outputs(
+    per_row: tuple[torch.Tensor, ...], spec: _LossSpec
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(row_loss, details)``: the per-row training loss ``(n,)`` and the detached per-row
+    ``(divergence, cross_entropy, agreement)`` (empty without labels, where the loss *is* the
+    divergence)."""
+    if not spec.with_labels:
+        return per_row[0], ()
+    divergence, cross_entropy, _ = per_row
+    return spec.divergence_weight * divergence + spec.ce_weight * cross_entropy, per_row
+
+
+class _FusedLinearSumFunction(torch.autograd.Function):
+    """Scalar ``sum_i loss_i`` over rows, gradients built during forward (scalar reductions)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        student_bias: torch.Tensor | None,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        teacher_bias: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        spec: _LossSpec,
+    ) -> tuple[torch.Tensor, ...]:
+        needs_grad = tuple(ctx.needs_input_grad[:3])
+        per_row, grads = _walk_tiles(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            spec,
+            needs_grad,
+            row_grad_weights=None,
+        )
+        ctx.save_for_backward(*grads)
+        ctx.input_dtypes = (
+            student_hidden.dtype,
+            student_weight.dtype,
+            None if student_bias is None else student_bias.dtype,
+        )
+        row_loss, details = _split_outputs(per_row, spec)
+        ctx.mark_non_differentiable(*details)
+        return (row_loss.sum(), *details)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor | None, *_unused: torch.Tensor):
+        grads = []
+        for stored, dtype in zip(ctx.saved_tensors, ctx.input_dtypes, strict=True):
+            if stored is None or grad_loss is None:
+                grads.append(None)
+                continue
+            # In place: what forward stored is what backward returns (a second backward through
+            # the same graph fails autograd's version check instead of silently rescaling twice).
+            grads.append(stored.mul_(grad_loss.to(stored.dtype)).to(dtype))
+        return (*grads, None, None, None, None, None)
+
+
+class _FusedLinearRowsFunction(torch.autograd.Function):
+    """Per-row losses ``(n,)``; backward re-projects the chunks (``reduction="none"``)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        student_bias: torch.Tensor | None,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        teacher_bias: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        spec: _LossSpec,
+    ) -> tuple[torch.Tensor, ...]:
+        per_row, _ = _walk_tiles(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            spec,
+            needs_grad=(False, False, False),
+            row_grad_weights=None,
+        )
+        ctx.save_for_backward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+            teacher_bias, labels,
+        )  # fmt: skip
+        ctx.spec = spec
+        row_loss, details = _split_outputs(per_row, spec)
+        ctx.mark_non_differentiable(*details)
+        return (row_loss, *details)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor | None, *_unused: torch.Tensor):
+        if grad_rows is None:
+            return (None,) * 8
+        saved = ctx.saved_tensors
+        _, (grad_hidden, grad_weight, grad_bias) = _walk_tiles(
+            *saved, ctx.spec, needs_grad=tuple(ctx.needs_input_grad[:3]), row_grad_weights=grad_rows
+        )
+        student_hidden, student_weight, student_bias = saved[:3]
+        return (
+            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.to(student_bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _validate_head(
+    who: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(
+            f"The {who}'s hidden states and head weight must be floating point, got "
+            f"{hidden.dtype} and {weight.dtype}."
+        )
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(
+            f"The {who}'s head weight must be 2-D (vocab, hidden) and its hidden states (..., "
+            f"hidden); got {tuple(weight.shape)} and {tuple(hidden.shape)}."
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"The {who}'s hidden states have width {hidden.shape[-1]} but its head weight "
+            f"{tuple(weight.shape)} expects {weight.shape[1]}: pass the final hidden states "
+            "(after the last norm) and `lm_head.weight` of the same model."
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"The {who}'s head bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)."
+        )
+
+
+def _resolve_vocab_size(
+    student_weight: torch.Tensor, teacher_weight: torch.Tensor, vocab_size: int | None
+) -> int:
+    student_rows, teacher_rows = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if student_rows != teacher_rows:
+            raise ValueError(
+                f"The student head has {student_rows} rows and the teacher head {teacher_rows}. "
+                "Pass `vocab_size=len(tokenizer)` so that the padded rows are ignored."
+            )
+        return student_rows
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive integer or None, got {vocab_size!r}.")
+    if vocab_size > min(student_rows, teacher_rows):
+        raise ValueError(
+            f"`vocab_size={vocab_size}` exceeds a head's rows (student {student_rows}, teacher "
+            f"{teacher_rows}); it must be the tokenizer's vocabulary, which both heads cover."
+        )
+    return vocab_size
+
+
+def _resolve_divergence(
+    divergence: str | PointwiseDivergence, divergence_params: Mapping[str, float] | None
+) -> PointwiseDivergence:
+    if isinstance(divergence, str):
+        return make_divergence(divergence, **dict(divergence_params or {}))
+    if divergence_params:
+        raise ValueError(
+            "`divergence_params` only applies to a divergence given by name; the divergence "
+            f"object {divergence!r} is already parametrised."
+        )
+    if not callable(getattr(divergence, "terms_and_weights", None)):
+        raise TypeError(
+            "`divergence` must be a name from DIVERGENCE_NAMES or an object with a "
+            f"`terms_and_weights` method, got {divergence!r}."
+        )
+    return divergence
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    divergence: str | PointwiseDivergence,
+    *,
+    divergence_params: Mapping[str, float] | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    divergence_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor | FusedLinearDistillationOutput:
+    """A registry divergence between teacher and student, from hidden states and LM heads.
+
+    Computes the same values as the logits-based functions (e.g. ``get_divergence(name)(logits_s,
+    logits_t, ...)``) on ``logits = transform(hidden @ weight.T + bias)[..., :vocab_size]``,
+    without building either ``(N, V)`` logits tensor. Gradients reach the student's hidden states,
+    head weight and bias; the teacher is a constant target.
+
+    Args:
+        student_hidden: ``(..., H_s)`` final hidden states of the student (any float dtype).
+        student_weight: ``(V_s, H_s)`` the student's ``lm_head.weight``.
+        teacher_hidden: ``(..., H_t)`` the teacher's, at the same positions; ``H_t`` may differ.
+        teacher_weight: ``(V_t, H_t)`` the teacher's ``lm_head.weight``.
+        divergence: a name from ``DIVERGENCE_NAMES`` (``"ab"``, ``"fkl"``, ``"jsd"``, ...) or a
+            :class:`~abkd_trainer.divergences.pointwise.PointwiseDivergence`.
+        divergence_params: parameters of a divergence given by name, e.g. ``{"alpha": 0.2,
+            "beta": 0.7}`` for ``"ab"``.
+        temperature: divides both transformed logit sets before the softmax; the result is not
+            multiplied by ``T**2``. The cross-entropy always uses temperature 1.
+        mask: ``(...)`` bool, True at the positions that count; only those rows are projected.
+            Defaults to ``labels != -100`` when ``labels`` are given, else to every position.
+        reduction: ``"none"`` (per position, 0 where masked out), ``"sum"`` or ``"mean"`` over
+            counted positions (0.0 with a connected graph when there are none).
+        student_bias, teacher_bias: ``(V_s,)`` / ``(V_t,)`` head biases, if the heads have them.
+        student_logit_scale, teacher_logit_scale: multiply the raw logits (``config.logit_scale``).
+        student_logit_softcap, teacher_logit_softcap: ``c * tanh(logits / c)`` after the scale
+            (``config.final_logit_softcapping``); None disables it.
+        vocab_size: the tokenizer's vocabulary; head rows from it on (padding) are ignored. Required
+            when the heads have different row counts.
+        labels: ``(...)`` int64 next-token targets. When given, the function returns a
+            :class:`FusedLinearDistillationOutput` with the cross-entropy and top-1 agreement,
+            computed in the same pass; counted positions must hold a target in ``[0, vocab_size)``.
+        divergence_weight, ce_weight: the output's ``loss`` is ``divergence_weight * divergence +
+            ce_weight * cross_entropy`` (``labels`` only; e.g. ``kd_ratio`` and ``1 - kd_ratio``).
+        chunk_size: tokens per chunk; None picks ~``DEFAULT_FUSED_CHUNK_ELEMENTS`` values per
+            fp32 ``(chunk, V)`` temporary.
+
+    Returns:
+        Without ``labels``: the fp32 divergence in nats (shape ``(...)`` for ``reduction="none"``,
+        else a scalar). With ``labels``: a :class:`FusedLinearDistillationOutput`.
+
+    Scalar reductions build the gradients during the forward pass and keep them until backward
+    (one fp32 copy of the student's head weight); ``"none"`` recomputes in backward instead, which
+    then needs the head weights still materialised (under DeepSpeed ZeRO-3: gathered again).
+    """
+    spec_divergence = _resolve_divergence(divergence, divergence_params)
+    _validate_head("student", student_hidden, student_weight, student_bias)
+    _validate_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    position_shape = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != position_shape:
+        raise ValueError(
+            f"Student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} must cover the same positions (all but the last dim)."
+        )
+    vocab = _resolve_vocab_size(student_weight, teacher_weight, vocab_size)
+    if not (isinstance(temperature, (int, float)) and 0.0 < float(temperature) < math.inf):
+        raise ValueError(f"`temperature` must be a positive finite number, got {temperature}.")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    for name, value in (("divergence_weight", divergence_weight), ("ce_weight", ce_weight)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"`{name}` must be finite, got {value}.")
+    if labels is None and (divergence_weight != 1.0 or ce_weight != 0.0):
+        raise ValueError(
+            "`divergence_weight` and `ce_weight` weight the divergence against the cross-entropy "
+            "on `labels`; pass `labels` (or scale the returned divergence yourself)."
+        )
+    for name, tensor in (("mask", mask), ("labels", labels)):
+        if tensor is not None and tuple(tensor.shape) != tuple(position_shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but must match the hidden states "
+                f"without their last dimension, {tuple(position_shape)}."
+            )
+    if labels is not None and (labels.is_floating_point() or labels.is_complex()):
+        raise TypeError(f"`labels` must hold integer token ids, got {labels.dtype}.")
+
+    student_2d = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_2d = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    labels_1d = None if labels is None else labels.reshape(-1).to(student_hidden.device)
+    if mask is None and labels_1d is not None:
+        mask = labels_1d != IGNORE_INDEX
+    rows = None
+    if mask is not None:
+        rows = mask.reshape(-1).to(device=student_hidden.device, dtype=torch.bool).nonzero()
+        rows = rows.squeeze(-1)
+        # Compact the counted rows (hidden-state sized, small); autograd scatters the gradient back.
+        student_2d = student_2d.index_select(0, rows)
+        teacher_2d = teacher_2d.index_select(0, rows)
+        labels_1d = None if labels_1d is None else labels_1d.index_select(0, rows)
+    if labels_1d is not None and bool(((labels_1d < 0) | (labels_1d >= vocab)).any()):
+        raise ValueError(
+            f"`labels` at counted positions must lie in [0, {vocab}); mark unsupervised positions "
+            f"with {IGNORE_INDEX} (or exclude them with `mask`)."
+        )
+
+    spec = _LossSpec(
+        divergence=spec_divergence,
+        temperature=float(temperature),
+        student_transform=LogitTransform(student_logit_scale, student_logit_softcap),
+        teacher_transform=LogitTransform(teacher_logit_scale, teacher_logit_softcap),
+        vocab_size=vocab,
+        chunk_size=chunk_size or default_fused_chunk_size(vocab),
+        with_labels=labels_1d is not None,
+        divergence_weight=float(divergence_weight),
+        ce_weight=float(ce_weight),
+        student_dtype=_gemm_dtype(student_hidden),
+        teacher_dtype=_gemm_dtype(teacher_hidden),
+    )
+    function = _FusedLinearRowsFunction if reduction == "none" else _FusedLinearSumFunction
+    loss, *per_row = function.apply(
+        student_2d,
+        student_weight,
+        student_bias,
+        teacher_2d,
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        labels_1d,
+        spec,
+    )
+
+    num_rows = student_2d.shape[0]
+    count = torch.tensor(num_rows, dtype=torch.int64, device=student_hidden.device)
+
+    def reduce(values: torch.Tensor, already_summed: bool = False) -> torch.Tensor:
+        if reduction == "none":
+            if rows is None:
+                return values.reshape(position_shape)
+            full = values.new_zeros(math.prod(position_shape))
+            return full.index_copy(0, rows, values).reshape(position_shape)
+        total = values if already_summed else values.sum()
+        if reduction == "sum":
+            return total
+        return total / count.clamp_min(1).to(total.dtype)
+
+    reduced_loss = reduce(loss, already_summed=reduction != "none")
+    if labels_1d is None:
+        return reduced_loss
+    divergence_values, cross_entropy, agreement = per_row
+    return FusedLinearDistillationOutput(
+        loss=reduced_loss,
+        divergence=reduce(divergence_values),
+        cross_entropy=reduce(cross_entropy),
+        teacher_agreement=reduce(agreement),
+        num_tokens=count,
+    )
+
+
+def fused_linear_ab_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    alpha: float,
+    beta: float,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    divergence_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor | FusedLinearDistillationOutput:
+    """Alpha-beta divergence D_AB^(alpha, beta)(p_teacher || q_student) from hidden states.
+
+    The values of :func:`~abkd_trainer.divergences.ab_divergence` on the materialised logits,
+    exact and continuous in ``(alpha, beta)``; ``(1, 0)`` is forward KL, ``(0, 1)`` reverse KL.
+    Shapes: hidden states ``(..., H_s)`` / ``(..., H_t)``, heads ``(V_s, H_s)`` / ``(V_t, H_t)``.
+    See :func:`fused_linear_divergence` for the other arguments and the return value.
+    """
+    return fused_linear_divergence(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        ABDivergence(alpha, beta),
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_logit_softcap=student_logit_softcap,
+        teacher_logit_softcap=teacher_logit_softcap,
+        vocab_size=vocab_size,
+        labels=labels,
+        divergence_weight=divergence_weight,
+        ce_weight=ce_weight,
+        chunk_size=chunk_size,
+    )
