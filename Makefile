@@ -18,15 +18,15 @@ demo: $(STAMP)
 	$(VENV)/bin/abkd-train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check abkd_trainer tests benchmarks examples
+	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
 	$(PY) -m pytest tests -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
 
 lint: $(STAMP)
-	$(PY) -m ruff check abkd_trainer tests benchmarks examples
-	$(PY) -m ruff format --check abkd_trainer tests benchmarks examples
+	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
+	$(PY) -m ruff format --check abkd_trainer tests benchmarks examples scripts
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"

@@ -1,0 +1,8 @@
+"""``python -m abkd_trainer``: the same as the ``abkd-train`` console script."""
+
+import sys
+
+from abkd_trainer.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""``abkd-train``: distil a causal LM with ABKD from the command line or a YAML file.
+
+Built like TRL's ``trl sft`` script: a :class:`trl.TrlParser` over script arguments,
+:class:`~abkd_trainer.ABKDConfig`, :class:`trl.ModelConfig` and
+:class:`trl.DatasetMixtureConfig`, so every ``ABKDConfig`` / ``SFTConfig`` /
+``TrainingArguments`` field is a flag, and ``--config file.yaml`` supplies defaults that the
+command line overrides. The same command runs under ``accelerate launch``, ``deepspeed`` and
+``torchrun``.
+
+Without ``--model_name_or_path`` and ``--dataset_name`` it runs the offline demo (see
+:mod:`abkd_trainer.demo`)::
+
+    abkd-train                                  # the demo, into ./abkd-demo-output
+    abkd-train --output_dir /tmp/demo --max_steps 300
+    abkd-train --model_name_or_path Qwen/Qwen2.5-0.5B \\
+        --teacher_model_name_or_path Qwen/Qwen2.5-7B-Instruct \\
+        --dataset_name data/train.jsonl --alpha 0.2 --beta 0.7 --output_dir out
+    abkd-train --config examples/gpt2_dolly.yaml
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from trl import TrlParser
+
+    from abkd_trainer.config import ABKDConfig
+
+# Local files `--dataset_name` may point at, by suffix, and the `datasets` builder that reads them.
+DATA_FILE_BUILDERS: dict[str, str] = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+
+
+def _script_arguments_class() -> type:
+    """Defined lazily so that ``import abkd_trainer.cli`` does not import TRL."""
+    from trl import ScriptArguments
+
+    @dataclass
+    class ABKDScriptArguments(ScriptArguments):
+        """Script arguments of ``abkd-train``: TRL's dataset arguments plus ROUGE-L evaluation.
+
+        ``dataset_name`` accepts a Hub dataset id, a local ``.json``/``.jsonl``/``.parquet``/
+        ``.csv`` file (its rows become the ``train`` split), or a directory written by
+        ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+        """
+
+        dataset_name: str | None = field(
+            default=None,
+            metadata={
+                "help": "Dataset to distil on: a Hub id, a local .json/.jsonl/.parquet/.csv file "
+                "(loaded as the `train` split), or a directory saved with `save_to_disk`. With no "
+                "model and no dataset, abkd-train runs the offline demo."
+            },
+        )
+        dataset_test_file: str | None = field(
+            default=None,
+            metadata={
+                "help": "Optional local file loaded as the evaluation split "
+                "(`dataset_test_split`) when `dataset_name` is a single file."
+            },
+        )
+        rouge_l_eval: bool = field(
+            default=False,
+            metadata={
+                "help": "Score sampled responses on the test split with ROUGE-L (T=1, top-p 1, "
+                "mean over seeds): logged as `eval_rouge_l` at every evaluation, and for the "
+                "teacher and the student before and after training in report.json / report.md."
+            },
+        )
+        rouge_l_num_prompts: int | None = field(
+            default=200,
+            metadata={"help": "Score the first N test prompts (None: all of them)."},
+        )
+        rouge_l_seeds: list[int] = field(
+            default_factory=lambda: [0, 1, 2],
+            metadata={"help": "Sampling seeds; ROUGE-L is averaged over them (the paper uses 5)."},
+        )
+        rouge_l_max_new_tokens: int = field(
+            default=256,
+            metadata={"help": "Maximum length of a sampled response, in tokens."},
+        )
+        rouge_l_batch_size: int = field(
+            default=32,
+            metadata={"help": "Prompts per `generate` call and process."},
+        )
+
+    return ABKDScriptArguments
+
+
+def make_parser(prog: str | None = "abkd-train") -> TrlParser:
+    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures)."""
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
+
+    from abkd_trainer.config import ABKDConfig
+
+    dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
+    return TrlParser(
+        dataclass_types,
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog="Every flag can also be set in a YAML file given with --config FILE.yaml "
+        "(flags on the command line win). With no model and no dataset, the offline demo runs.",
+    )
+
+
+def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+    """Values of ``names`` given on the command line or in the ``--config`` YAML (not defaults)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    argv = list(argv)
+    if "--config" in argv:
+        config_path = argv[argv.index("--config") + 1]
+        with open(config_path) as handle:
+            config = yaml.safe_load(handle) or {}
+        values.update({name: config[name] for name in names if config.get(name) is not None})
+    for index, token in enumerate(argv):
+        for name in names:
+            flag = f"--{name}"
+            if token == flag and index + 1 < len(argv):
+                values[name] = argv[index + 1]
+            elif token.startswith(flag + "="):
+                values[name] = token.split("=", 1)[1]
+    return values
+
+
+def is_demo_run(argv: Sequence[str]) -> bool:
+    """True when neither a student, a teacher nor a dataset is named: run the offline demo.
+
+    Raises:
+        ValueError: when only some of them are named.
+    """
+    requested = _requested_values(
+        argv, ("model_name_or_path", "teacher_model_name_or_path", "dataset_name", "datasets")
+    )
+    if not requested:
+        return True
+    has_dataset = "dataset_name" in requested or "datasets" in requested
+    missing = [
+        flag
+        for flag, present in (
+            ("--model_name_or_path", "model_name_or_path" in requested),
+            ("--teacher_model_name_or_path", "teacher_model_name_or_path" in requested),
+            ("--dataset_name (or `datasets:` in the YAML config)", has_dataset),
+        )
+        if not present
+    ]
+    if missing:
+        raise ValueError(
+            f"Missing {', '.join(missing)}. Name the student, the teacher and the dataset to "
+            "distil your own models, or give none of them to run the offline demo."
+        )
+    return False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any, Any, bool]:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into (script, training, model, mixture, is_demo).
+
+    Precedence, lowest first: dataclass defaults, demo defaults (demo mode only), the
+    ``--config`` YAML file, the command line.
+    """
+    from abkd_trainer.demo import DEMO_DEFAULTS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    demo = is_demo_run(argv)
+    parser = make_parser()
+    # `--help` shows the real defaults, not the demo's.
+    wants_help = any(token in ("-h", "--help") for token in argv)
+    overrides: dict[str, Any] = dict(DEMO_DEFAULTS) if demo and not wants_help else {}
+    deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
+    if _init_cpu_distributed(deepspeed is not None):
+        from abkd_trainer.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
+
+        overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
+    if overrides:
+        parser.set_defaults_with_config(**overrides)
+    script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+    return script_args, training_args, model_args, mixture_args, demo
+
+
+def _init_cpu_distributed(use_deepspeed: bool) -> bool:
+    """DeepSpeed on CPU ranks needs its process group before the training arguments exist."""
+    from abkd_trainer.distributed import init_cpu_distributed_state
+
+    return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
+
+
+def load_dataset_from_name(
+    name: str,
+    *,
+    config_name: str | None = None,
+    streaming: bool = False,
+    test_file: str | None = None,
+    test_split: str = "test",
+) -> DatasetDict:
+    """Load ``--dataset_name``: a local data file, a ``save_to_disk`` directory, or a Hub id.
+
+    A single local file becomes the ``train`` split (``test_file``, when given, the
+    ``test_split`` split); a saved ``Dataset`` becomes ``train``; a saved ``DatasetDict`` keeps
+    its splits.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"Cannot read {name!r}: local dataset files must end in "
+                f"{', '.join(sorted(DATA_FILE_BUILDERS))}; or pass a directory saved with "
+                "`save_to_disk`, or a Hub dataset id."
+            )
+        data_files = {"train": str(path)}
+        if test_file is not None:
+            data_files[test_split] = str(Path(test_file).expanduser())
+        return load_dataset(builder, data_files=data_files, streaming=streaming)
+    if test_file is not None:
+        raise ValueError("`dataset_test_file` only applies when `dataset_name` is a local file.")
+    if path.is_dir() and any(
+        (path / marker).is_file() for marker in ("dataset_dict.json", "state.json")
+    ):
+        loaded = load_from_disk(str(path))
+        return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
+    # A Hub id, or a directory of data files that `load_dataset` understands.
+    return load_dataset(name, name=config_name, streaming=streaming)
+
+
+def _load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
+    from trl import get_dataset
+
+    if mixture_args.datasets:
+        return get_dataset(mixture_args)
+    return load_dataset_from_name(
+        script_args.dataset_name,
+        config_name=script_args.dataset_config,
+        streaming=script_args.dataset_streaming,
+        test_file=script_args.dataset_test_file,
+        test_split=script_args.dataset_test_split,
+    )
+
+
+def _split(datasets: DatasetDict, name: str, role: str) -> Dataset:
+    if name not in datasets:
+        raise ValueError(
+            f"The dataset has no {name!r} split for {role} (splits: {sorted(datasets)}). Choose "
+            f"one with --dataset_{'train' if role == 'training' else 'test'}_split."
+        )
+    return datasets[name]
+
+
+def configured_divergences(training_args: ABKDConfig) -> dict[str, Any]:
+    """The training divergence (with its parameters and temperature) and forward KL, by name.
+
+    For report-time measurement: schedules (``alpha_end`` / ``beta_end``) are ignored and the
+    start values used, so that before/after numbers measure one fixed divergence.
+    """
+    from abkd_trainer.divergences import get_divergence
+
+    name = training_args.divergence
+    params: dict[str, float] = {}
+    if name == "ab":
+        params = {"alpha": training_args.alpha, "beta": training_args.beta}
+    elif name == "jsd":
+        params = {"beta": training_args.jsd_beta}
+    elif name in ("sfkl", "srkl"):
+        params = {"skew_lambda": training_args.skew_lambda}
+    divergences = {
+        name: functools.partial(
+            get_divergence(name), **params, temperature=training_args.temperature
+        )
+    }
+    divergences.setdefault("fkl", get_divergence("fkl"))
+    return divergences
+
+
+def run(
+    script_args: Any, training_args: ABKDConfig, model_args: Any, mixture_args: Any, demo: bool
+) -> dict | None:
+    """Train, save the student with its tokenizer and model card, write the report.
+
+    Returns:
+        The report (main process, ROUGE-L evaluation on), else None.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from trl import get_peft_config
+
+    from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
+    from abkd_trainer.report import format_comparison_table, make_report, write_report
+    from abkd_trainer.trainer import ABKDTrainer
+
+    if demo:
+        from abkd_trainer.demo import (
+            DEMO_DATASET_NAME,
+            build_demo_student,
+            limit_cpu_threads_for_demo,
+            load_demo_dataset,
+        )
+
+        limit_cpu_threads_for_demo()
+
+        datasets = load_demo_dataset()
+        dataset_label = DEMO_DATASET_NAME
+        teacher_path = training_args.teacher_model_name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        model = build_demo_student(
+            AutoConfig.from_pretrained(teacher_path), seed=training_args.seed
+        )
+        student_label = (
+            "random init ("
+            + ", ".join(
+                f"{key}={getattr(model.config, key)}"
+                for key in ("hidden_size", "num_hidden_layers")
+            )
+            + f", {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
+        )
+    else:
+        datasets = _load_datasets(script_args, mixture_args)
+        dataset_label = script_args.dataset_name or "dataset mixture"
+        model_init_kwargs = {
+            "revision": model_args.model_revision,
+            "trust_remote_code": training_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+        }
+        model_init_kwargs.update(training_args.model_init_kwargs or {})
+        training_args.model_init_kwargs = model_init_kwargs
+        model = model_args.model_name_or_path  # loaded by the trainer, sharded under ZeRO-3
+        student_label = model
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+
+    train_dataset = _split(datasets, script_args.dataset_train_split, "training")
+    needs_test = training_args.eval_strategy != "no" or script_args.rouge_l_eval
+    test_dataset = (
+        _split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
+    )
+
+    trainer = ABKDTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+    rouge_callback = None
+    if script_args.rouge_l_eval:
+        rows = test_dataset
+        if script_args.rouge_l_num_prompts is not None:
+            rows = rows.select(range(min(script_args.rouge_l_num_prompts, len(rows))))
+        prompts, references = prompts_and_references(rows)
+        rouge_callback = RougeLCallback(
+            trainer,
+            prompts,
+            references,
+            seeds=script_args.rouge_l_seeds,
+            max_new_tokens=script_args.rouge_l_max_new_tokens,
+            batch_size=script_args.rouge_l_batch_size,
+            evaluate_at_train_boundaries=True,
+            evaluate_teacher=True,
+            divergences=configured_divergences(training_args),
+        )
+        trainer.add_callback(rouge_callback)
+
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # student, tokenizer and model card README.md
+    elapsed = time.perf_counter() - start
+
+    report = None
+    if rouge_callback is not None and trainer.is_world_process_zero():
+        report = make_report(
+            rouge_results=rouge_callback.results,
+            divergences=rouge_callback.divergence_results,
+            training_args=training_args,
+            teacher=training_args.teacher_model_name_or_path,
+            student=student_label,
+            dataset=dataset_label,
+            test_split=script_args.dataset_test_split,
+            max_new_tokens=script_args.rouge_l_max_new_tokens,
+            log_history=trainer.state.log_history,
+            wall_time_s=elapsed,
+        )
+        paths = write_report(
+            report,
+            trainer.state.log_history,
+            training_args.output_dir,
+            rouge_history=rouge_callback.history,
+        )
+        print("\n" + format_comparison_table(report))
+        print(
+            f"\nStudent, tokenizer, model card and report saved in {training_args.output_dir}: "
+            + ", ".join(path.name for path in paths)
+        )
+    elif trainer.is_world_process_zero():
+        print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=None if demo else script_args.dataset_name)
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()  # finish trackers and destroy the process group
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``abkd-train`` and ``python -m abkd_trainer``."""
+    script_args, training_args, model_args, mixture_args, demo = parse_args(argv)
+    if demo:
+        from abkd_trainer.demo import require_demo_assets
+
+        require_demo_assets()
+        print(
+            "abkd-train: no model or dataset given, running the offline demo "
+            f"(output in {os.path.abspath(training_args.output_dir)})."
+        )
+    run(script_args, training_args, model_args, mixture_args, demo)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
