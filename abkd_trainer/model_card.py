@@ -7,6 +7,11 @@ from collections.abc import Mapping
 SECTION_TITLE = "## Distillation"
 # TRL's lm_model_card.md template: the section goes in front of the first of these headings.
 _ANCHORS = ("### Framework versions", "## Citations")
+# What TRL's template says when the student has no Hub id (a local path or a model built from a
+# config): a link to a model called "None".
+_NO_BASE_MODEL_SENTENCE = (
+    "This model is a fine-tuned version of [None](https://huggingface.co/None)"
+)
 
 
 def distillation_section(settings: Mapping[str, object]) -> str:
@@ -25,6 +30,9 @@ def distillation_section(settings: Mapping[str, object]) -> str:
 def add_distillation_section(card_text: str, settings: Mapping[str, object]) -> str:
     """``card_text`` with :func:`distillation_section` inserted (replacing an earlier one)."""
     section = distillation_section(settings)
+    card_text = card_text.replace(
+        _NO_BASE_MODEL_SENTENCE, "This model is a student distilled with ABKD"
+    )
     if SECTION_TITLE in card_text:
         # A card rewritten at every checkpoint keeps a single, current section.
         start = card_text.index(SECTION_TITLE)

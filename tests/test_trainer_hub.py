@@ -101,3 +101,23 @@ def test_push_to_hub_uploads_the_student_only(tmp_path, monkeypatch):
     assert len(files["model.safetensors"]) < teacher_bytes
     assert_abkd_card(tmp_path / "run" / "README.md", alpha="0.3", beta="0.6")
     assert "README.md" in files
+
+
+def test_model_card_of_a_student_without_hub_id_names_no_fake_base_model(tmp_path):
+    # Built from a config, the student has no Hub id: TRL's template would link a model "None".
+    trainer = distilled_trainer(tmp_path)
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert "huggingface.co/None" not in text
+    assert "student distilled with ABKD" in text
+
+
+def test_model_card_of_a_hub_student_keeps_its_base_model(tmp_path):
+    trainer = distilled_trainer(tmp_path)
+    trainer.model.config._name_or_path = "acme/student-0.5b"
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert (
+        "fine-tuned version of [acme/student-0.5b](https://huggingface.co/acme/student-0.5b)"
+        in text
+    )
