@@ -135,15 +135,14 @@ class ABDivergence:
     def _replace_close_nodes(
         self, loss_terms: torch.Tensor, delta: torch.Tensor, n0: torch.Tensor
     ) -> torch.Tensor:
-        # Where every node lies within _TAYLOR_SPREAD of n0 the recurrence cancels; those entries
-        # (usually a minority) are recomputed from the series on the selected subset only.
+        # Where every node lies within _TAYLOR_SPREAD of n0 the recurrence cancels: take the series
+        # there. (A full-chunk where() measured faster than gathering the close subset, even when
+        # only ~10% of the entries are close: boolean indexing is slow.)
         node_radius = max(abs(self.alpha), abs(self.alpha + self.beta))
-        close = delta.abs() <= _TAYLOR_SPREAD / node_radius if node_radius > 0 else None
-        if close is None:
+        if node_radius == 0.0:
             return self._series(delta, n0)
-        if bool(close.any()):
-            loss_terms[close] = self._series(delta[close], n0[close])
-        return loss_terms
+        close = delta.abs() <= _TAYLOR_SPREAD / node_radius
+        return torch.where(close, self._series(delta, n0), loss_terms)
 
     def terms_and_weights(
         self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor

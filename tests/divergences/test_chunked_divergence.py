@@ -108,22 +108,25 @@ def test_driver_visits_token_chunks(chunk_size, mask_rows, expected_chunks):
     assert divergence.chunk_rows == expected_chunks
 
 
-@pytest.mark.parametrize("vocab_size", [1, 7, 4096, 50257, 151936, 2**21])
-def test_default_chunk_holds_about_a_million_values(vocab_size):
-    chunk_size = default_chunk_size(vocab_size)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("vocab_size", [1, 7, 4096, 50257, 151936, 2**23])
+def test_default_chunk_holds_the_target_number_of_values(vocab_size, device):
+    # The device only selects the size (no tensor is created), so "cuda" runs without a GPU.
+    target = DEFAULT_CHUNK_ELEMENTS["cpu" if device == "cpu" else "accelerator"]
+    chunk_size = default_chunk_size(vocab_size, device)
     assert chunk_size >= 1
-    assert chunk_size * vocab_size <= max(DEFAULT_CHUNK_ELEMENTS, vocab_size)
-    if vocab_size <= DEFAULT_CHUNK_ELEMENTS:  # not wastefully small either
-        assert (chunk_size + 1) * vocab_size > DEFAULT_CHUNK_ELEMENTS
+    assert chunk_size * vocab_size <= max(target, vocab_size)
+    if vocab_size <= target:  # not wastefully small either
+        assert (chunk_size + 1) * vocab_size > target
 
 
 def test_default_chunk_size_is_used_when_none_is_given():
     vocab_size = 4096
-    num_tokens = 2 * default_chunk_size(vocab_size) + 5
-    student, teacher = _logits(num_tokens, vocab_size, seed=23)
+    chunk = default_chunk_size(vocab_size)
+    student, teacher = _logits(2 * chunk + 5, vocab_size, seed=23)
     divergence = _RecordingDivergence()
     chunked_divergence(student, teacher, divergence)
-    assert divergence.chunk_rows == [256, 256, 5]
+    assert divergence.chunk_rows == [chunk, chunk, 5]
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
