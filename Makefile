@@ -28,8 +28,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
 	$(PY) -m ruff format --check abkd_trainer tests benchmarks examples scripts
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+# Liger-Kernel (and triton, ~1 GB) only for the benchmark's comparison cases.
+$(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_divergence.py $(ARGS)
 
 clean:
