@@ -87,6 +87,19 @@ def _exp_divided_difference_2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.maximum(u, v).exp() * ratio
 
 
+def _mixture_log_probs(
+    first_log_probs: torch.Tensor, second_log_probs: torch.Tensor, first_weight: float
+) -> torch.Tensor:
+    """``log(w e^first + (1 - w) e^second)``, exact at the end points ``w = 0`` and ``w = 1``."""
+    if first_weight == 0.0:
+        return second_log_probs
+    if first_weight == 1.0:
+        return first_log_probs
+    return torch.logaddexp(
+        first_log_probs + math.log(first_weight), second_log_probs + math.log1p(-first_weight)
+    )
+
+
 @dataclass(frozen=True)
 class ABDivergence:
     """Alpha-beta divergence of Cichocki, Cruces & Amari (2011), as used by ABKD.
@@ -259,10 +272,7 @@ class GeneralizedJSD:
             return ForwardKL().terms_and_weights(student_log_probs, teacher_log_probs)
         if self.beta == 1.0:
             return ReverseKL().terms_and_weights(student_log_probs, teacher_log_probs)
-        mixture_log_probs = torch.logaddexp(
-            teacher_log_probs + math.log(self.beta),
-            student_log_probs + math.log1p(-self.beta),
-        )
+        mixture_log_probs = _mixture_log_probs(teacher_log_probs, student_log_probs, self.beta)
         teacher_part = teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)
         student_part = student_log_probs.exp() * (student_log_probs - mixture_log_probs)
         loss_terms = self.beta * teacher_part + (1.0 - self.beta) * student_part
@@ -285,15 +295,7 @@ class SkewForwardKL:
         self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = self.skew_lambda
-        if lam == 1.0:  # m = p: the divergence is identically zero
-            zeros = torch.zeros_like(student_log_probs)
-            return zeros, zeros.clone()
-        mixture_log_probs = torch.logaddexp(
-            teacher_log_probs + math.log(lam)
-            if lam > 0
-            else torch.full_like(teacher_log_probs, -math.inf),
-            student_log_probs + math.log1p(-lam),
-        )
+        mixture_log_probs = _mixture_log_probs(teacher_log_probs, student_log_probs, lam)
         loss_terms = teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)
         grad_weights = (
             -(1.0 - lam) * (teacher_log_probs + student_log_probs - mixture_log_probs).exp()
@@ -316,15 +318,7 @@ class SkewReverseKL:
         self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = self.skew_lambda
-        if lam == 1.0:  # m = q: the divergence is identically zero
-            zeros = torch.zeros_like(student_log_probs)
-            return zeros, zeros.clone()
-        mixture_log_probs = torch.logaddexp(
-            student_log_probs + math.log(lam)
-            if lam > 0
-            else torch.full_like(student_log_probs, -math.inf),
-            teacher_log_probs + math.log1p(-lam),
-        )
+        mixture_log_probs = _mixture_log_probs(student_log_probs, teacher_log_probs, lam)
         student_probs = student_log_probs.exp()
         loss_terms = student_probs * (student_log_probs - mixture_log_probs)
         # q dD/dq = q (log(q / m) + 1 - lam q / m)
