@@ -423,6 +423,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``abkd-train`` and ``python -m abkd_trainer``."""
     script_args, training_args, model_args, mixture_args, demo = parse_args(argv)
+    cpu_deepspeed = training_args.accelerator_config.use_configured_state
     if demo:
         from abkd_trainer.demo import require_demo_assets
 
@@ -432,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(output in {os.path.abspath(training_args.output_dir)})."
         )
     run(script_args, training_args, model_args, mixture_args, demo)
+    from abkd_trainer.distributed import finish_distributed_run
+
+    # The CPU (gloo) DeepSpeed path needs the hard exit described there; GPU runs do not.
+    finish_distributed_run(skip_interpreter_teardown=cpu_deepspeed)
     return 0
 
 

@@ -38,6 +38,7 @@ from testing_utils import build_text_dataset  # noqa: E402
 from abkd_trainer import ABKDConfig, ABKDTrainer  # noqa: E402
 from abkd_trainer.distributed import (  # noqa: E402
     CONFIGURED_STATE_ACCELERATOR_CONFIG,
+    finish_distributed_run,
     init_cpu_distributed_state,
 )
 
@@ -174,11 +175,7 @@ def main() -> None:
         if rank == 0:
             save_file(weights, str(args.report_dir / "gathered_student.safetensors"))
     (args.report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    if dist.is_initialized():
-        # Without this barrier some ranks abort at exit ("terminate called without an active
-        # exception") while others still talk to them.
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed_run(skip_interpreter_teardown=True)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,10 @@ def test_example_accelerate_configs_load(name, distributed_type, deepspeed_file)
         assert (EXAMPLES.parent / deepspeed_file).is_file()
         # accelerate rejects mixed_precision next to a deepspeed_config_file.
         assert "mixed_precision" not in yaml.safe_load(path.read_text())
+
+
+def test_finish_distributed_run_is_a_no_op_without_a_process_group():
+    from abkd_trainer.distributed import finish_distributed_run
+
+    # Must neither raise nor end the process (skip_interpreter_teardown only applies to ranks).
+    assert finish_distributed_run(skip_interpreter_teardown=True) is None
