@@ -43,6 +43,13 @@ class ABKDConfig(SFTConfig):
             ``{"dtype": "bfloat16"}``).
         loss_chunk_size (`int`, *optional*): tokens per chunk of the divergence kernel; None picks
             one from the vocabulary size.
+        use_fused_loss (`bool`, defaults to `True`): compute the loss from both models' final
+            hidden states and LM heads, a chunk of tokens at a time, so that neither model's
+            ``(batch, seq, vocab)`` logits exist (``abkd_trainer.fused_linear_divergence``). Same
+            values, less memory and time (measured on CPU, vocab 32000, 2048 tokens per step:
+            4.5x less peak memory, 15% faster steps). Set it to False for a model whose logits
+            are not a scaled or soft-capped linear head (checked at start-up, except under
+            ZeRO-3), or to get the logits back in ``compute_loss`` outputs.
         disable_dropout (`bool`, defaults to `True`): disable dropout in the student. The teacher
             always runs in eval mode.
     """
@@ -126,6 +133,16 @@ class ABKDConfig(SFTConfig):
         metadata={
             "help": "Tokens per chunk when computing the divergence (bounds its fp32 "
             "temporaries). None picks a size from the vocabulary."
+        },
+    )
+    use_fused_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the divergence, the cross-entropy and the logged metrics from both "
+            "models' final hidden states and LM heads, a chunk of tokens at a time, without "
+            "building either model's (batch, seq, vocab) logits. Same values, far less memory "
+            "at large vocabularies. Needs linear LM heads (logit scaling and Gemma-style "
+            "soft-capping are supported)."
         },
     )
     disable_dropout: bool = field(

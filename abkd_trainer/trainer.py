@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     AutoTokenizer,
@@ -23,12 +24,20 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalPrediction
 from trl import SFTTrainer
-from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
+from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import (
+    create_model_from_path,
+    disable_dropout_in_model,
+    get_config_model_id,
+    maybe_gather_lm_head_ctx,
+)
 
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.divergences import get_divergence
+from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.model_card import add_distillation_section
 
 if TYPE_CHECKING:
@@ -182,6 +191,12 @@ class ABKDTrainer(SFTTrainer):
         self.teacher_model.eval()
 
         self.divergence_fn = get_divergence(args.divergence)
+        if args.use_fused_loss:
+            self._check_fused_loss_support(teacher_model)
+        # The fused loss calls both backbones directly; routing those calls through the wrappers'
+        # forward (DDP, DeepSpeed) keeps their hooks, e.g. ZeRO-3's gathering and gradient
+        # reduction, working. TRL's DistillationTrainer does the same.
+        self._forward_redirection = _ForwardRedirection()
         # Kept on the device between logs: adding to them never waits for the accelerator.
         self._metric_sums = {
             mode: torch.zeros(
@@ -254,6 +269,39 @@ class ABKDTrainer(SFTTrainer):
             )
             return None
 
+    def _check_fused_loss_support(self, teacher_model: nn.Module) -> None:
+        """Raise early if ``use_fused_loss`` cannot reproduce a model's logits from its head."""
+        # (An adapter on `lm_head` is refused by SFTTrainer itself, whose log-probabilities are
+        # fused the same way.)
+        if is_peft_model(self.model):
+            from peft import PromptLearningConfig
+
+            if any(isinstance(c, PromptLearningConfig) for c in self.model.peft_config.values()):
+                raise ValueError(
+                    "`use_fused_loss=True` calls the student's decoder directly, which skips the "
+                    "virtual tokens of prompt-learning adapters (prompt/prefix tuning, P-tuning). "
+                    "Use a weight adapter such as LoRA, or set `use_fused_loss=False`."
+                )
+        for who, model in (("student", _causal_lm(self.model)), ("teacher", teacher_model)):
+            head = model.get_output_embeddings()
+            if not isinstance(getattr(head, "weight", None), torch.Tensor):
+                raise ValueError(
+                    f"`use_fused_loss=True` needs the {who}'s LM head to be a linear layer with "
+                    f"a `weight`, but `get_output_embeddings()` returned {type(head).__name__}. "
+                    "Set `use_fused_loss=False` for this model."
+                )
+        self._logit_transforms = {
+            "student": LogitTransform.from_config(_causal_lm(self.model).config),
+            "teacher": LogitTransform.from_config(teacher_model.config),
+        }
+        # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
+        # config-based transform is trusted, as TRL's fused heads do.
+        if not is_deepspeed_zero3_enabled():
+            _verify_fused_logits(
+                "student", _causal_lm(self.model), self._logit_transforms["student"]
+            )
+            _verify_fused_logits("teacher", teacher_model, self._logit_transforms["teacher"])
+
     # ------------------------------------------------------------------ loss
 
     def current_alpha_beta(self) -> tuple[float, float]:
@@ -308,15 +356,39 @@ class ABKDTrainer(SFTTrainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         model_inputs["use_cache"] = False
 
-        student_outputs = model(**model_inputs)
-        self.teacher_model.eval()  # cheap, and robust to a caller that put it back in train mode
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(**model_inputs).logits
-
         divergence_params = self._divergence_params()
-        loss, sums = self._distillation_loss(
-            student_outputs.logits, teacher_logits, targets, num_items_in_batch, divergence_params
+        self.teacher_model.eval()  # cheap, and robust to a caller that put it back in train mode
+        # Evaluation with `compute_metrics` wants the student's logits; everything else (training,
+        # loss-only evaluation) can do without them.
+        wants_logits = (
+            return_outputs
+            and self.compute_metrics is not None
+            and not self.args.prediction_loss_only
         )
+        if self.args.use_fused_loss and not wants_logits:
+            unwrapped_student = self.accelerator.unwrap_model(model)
+            loss, sums = self._forward_redirection(
+                model,
+                unwrapped_student,
+                self._fused_distillation_loss,
+                unwrapped_student,
+                model_inputs,
+                targets,
+                num_items_in_batch,
+                divergence_params,
+            )
+            student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
+        else:
+            student_outputs = model(**model_inputs)
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(**model_inputs).logits
+            loss, sums = self._distillation_loss(
+                student_outputs.logits,
+                teacher_logits,
+                targets,
+                num_items_in_batch,
+                divergence_params,
+            )
         self._metric_sums[mode] += sums.to(self._metric_sums[mode].device)
         self._last_divergence_params[mode] = divergence_params
         return (loss, student_outputs) if return_outputs else loss
@@ -373,19 +445,10 @@ class ABKDTrainer(SFTTrainer):
             )
 
         num_local = supervised.sum()
-        normaliser = num_local if num_items_in_batch is None else num_items_in_batch
-        # A batch with no supervised token gives 0 / 1 = 0 with the graph intact, never 0 / 0.
-        normaliser = torch.as_tensor(normaliser, device=kd_sum.device, dtype=kd_sum.dtype).clamp(
-            min=1
-        )
         objective = self.args.kd_ratio * kd_sum
         if self.args.kd_ratio < 1.0:
             objective = objective + (1.0 - self.args.kd_ratio) * ce_sum
-        loss = objective / normaliser
-        # DDP averages gradients over processes while the normaliser already counts every
-        # process's tokens, so scale back up (as Trainer and SFTTrainer do).
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        loss = self._normalise(objective, num_local, num_items_in_batch)
 
         with torch.no_grad():
             agreements = (student_logits.argmax(-1) == teacher_logits.argmax(-1)) & supervised
@@ -393,6 +456,92 @@ class ABKDTrainer(SFTTrainer):
                 [kd_sum.detach(), ce_sum.detach(), agreements.sum(), num_local]
             ).double()
         return loss, sums
+
+    def _fused_distillation_loss(
+        self,
+        student: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective of :meth:`_distillation_loss` from final hidden states and LM heads.
+
+        Runs inside the student wrapper's forward (see ``compute_loss``). Neither model's logits
+        are built: :func:`~abkd_trainer.fused_linear_divergence` projects the supervised positions
+        a chunk at a time and returns the divergence, the cross-entropy (weighted by ``kd_ratio``
+        into one differentiable sum) and the top-1 agreements of the same pass.
+        """
+        student_lm = _causal_lm(student)
+        student_hidden = _final_hidden_states(student_lm, model_inputs)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, teacher, _final_hidden_states, teacher, model_inputs
+            )
+        student_head = student_lm.get_output_embeddings()
+        teacher_head = teacher.get_output_embeddings()
+        student_transform = self._logit_transforms["student"]
+        teacher_transform = self._logit_transforms["teacher"]
+        # Under ZeRO-3 the heads are partitioned and their own forward (which would gather them)
+        # never runs: gather them for the projection. The student's weight gradient is built
+        # here, in the forward, and reaches the partitioned parameter through autograd.
+        with maybe_gather_lm_head_ctx(
+            student_head.weight,
+            getattr(student_head, "bias", None),
+            teacher_head.weight,
+            getattr(teacher_head, "bias", None),
+        ):
+            output = fused_linear_divergence(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden.to(student_hidden.device),
+                teacher_head.weight,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                labels=targets.to(student_hidden.device),
+                reduction="sum",
+                student_bias=getattr(student_head, "bias", None),
+                teacher_bias=getattr(teacher_head, "bias", None),
+                student_logit_scale=student_transform.scale,
+                student_logit_softcap=student_transform.softcap,
+                teacher_logit_scale=teacher_transform.scale,
+                teacher_logit_softcap=teacher_transform.softcap,
+                vocab_size=self.vocab_size,
+                divergence_weight=self.args.kd_ratio,
+                ce_weight=1.0 - self.args.kd_ratio,
+                chunk_size=self.args.loss_chunk_size,
+            )
+        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
+        parts = (
+            output.divergence,
+            output.cross_entropy,
+            output.teacher_agreement,
+            output.num_tokens,
+        )
+        sums = torch.stack([part.double() for part in parts])
+        return loss, sums
+
+    def _normalise(
+        self,
+        objective_sum: torch.Tensor,
+        num_local: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """Divide the summed objective by the supervised tokens of the (accumulated) batch."""
+        normaliser = num_local if num_items_in_batch is None else num_items_in_batch
+        # A batch with no supervised token gives 0 / 1 = 0 with the graph intact, never 0 / 0.
+        normaliser = torch.as_tensor(
+            normaliser, device=objective_sum.device, dtype=objective_sum.dtype
+        ).clamp(min=1)
+        loss = objective_sum / normaliser
+        # DDP averages gradients over processes while the normaliser already counts every
+        # process's tokens, so scale back up (as Trainer and SFTTrainer do).
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
 
     # ------------------------------------------------------------------ logging
 
@@ -470,6 +619,53 @@ def _next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
             "that builds labels."
         )
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (a PEFT model's base, with its adapters)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _final_hidden_states(causal_lm: nn.Module, model_inputs: dict[str, Any]) -> torch.Tensor:
+    """``(batch, seq, H)`` hidden states the LM head would project (after the final norm).
+
+    ``base_model`` is the decoder of a causal LM (``model``, ``transformer``, ...): what the
+    model's own forward runs before its LM head.
+    """
+    return causal_lm.base_model(**model_inputs).last_hidden_state
+
+
+@torch.no_grad()
+def _verify_fused_logits(who: str, causal_lm: nn.Module, transform: LogitTransform) -> None:
+    """Raise unless ``transform(lm_head(decoder(x)))`` reproduces ``causal_lm(x).logits``.
+
+    The fused loss rebuilds the logits from the decoder's output and the head's weights; a model
+    whose forward does something else to them (an unknown scaling, a second head) would silently
+    train on another objective. One short forward of each kind, in eval mode, settles it.
+    """
+    input_ids = torch.arange(min(4, causal_lm.config.get_text_config().vocab_size)).unsqueeze(0)
+    input_ids = input_ids.to(causal_lm.device)
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        logits = causal_lm(input_ids=input_ids, use_cache=False).logits.float()
+        hidden = _final_hidden_states(causal_lm, {"input_ids": input_ids, "use_cache": False})
+        head = causal_lm.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        rebuilt = transform.apply_(F.linear(hidden, head.weight, bias).float())
+    finally:
+        causal_lm.train(was_training)
+    # A 16-bit model's logits are rounded; a missed transform is off by far more than that.
+    tolerance = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 3e-2
+    error = (logits - rebuilt).abs().max().item()
+    scale = max(1.0, logits.abs().max().item())
+    if logits.shape != rebuilt.shape or error > tolerance * scale:
+        raise ValueError(
+            f"`use_fused_loss=True` rebuilds the {who}'s logits as lm_head(decoder output) with "
+            f"logit scale {transform.scale} and soft-cap {transform.softcap}, but this "
+            f"{type(causal_lm).__name__} computes something else (max difference {error:.3g}). "
+            "Set `use_fused_loss=False` for this model."
+        )
 
 
 def _as_abkd_config(args: ABKDConfig | TrainingArguments | None, model: Any) -> ABKDConfig:

@@ -21,6 +21,7 @@ __all__ = [
     "default_chunk_size",
     "rowwise_loss_and_grad",
     "chunked_divergence",
+    "backward_keeps_graph",
 ]
 
 # fp32 values per (chunk, V) temporary. On CPU, 1 MiB temporaries stay cache-resident and keep
@@ -167,12 +168,12 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
         scale = scale.to(grad.dtype)
         # In place, so backward allocates nothing: the stored gradient becomes the returned one.
         # Only when the graph is kept (retain_graph, gradcheck) is the stored gradient needed again.
-        if _graph_is_kept():
+        if backward_keeps_graph():
             return grad * scale, None, None, None, None, None
         return grad.mul_(scale), None, None, None, None, None
 
 
-def _graph_is_kept() -> bool:
+def backward_keeps_graph() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``) for another pass."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     # Without the query (other torch versions), stay correct at the cost of one extra gradient.

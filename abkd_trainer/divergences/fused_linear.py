@@ -9,7 +9,7 @@ tile sizes:
   (``hidden @ weight.T + bias``) into a preallocated fp32 ``(chunk_size, V)`` buffer, and the
   models' logit post-processing (``logit_scale``, Gemma-style ``final_logit_softcapping``) is
   applied in place;
-* **divergence tiles** of a few rows inside it (``POINTWISE_TILE_ELEMENTS`` values): each goes
+* **divergence tiles** of a few rows inside it (on CPU ~1 MiB of fp32 per thread): each goes
   through :func:`~abkd_trainer.divergences.chunked.rowwise_loss_and_grad`, the routine the
   logits-based functions use, so every registry divergence works and the values are those of
   :func:`~abkd_trainer.divergences.ab_divergence` on materialised logits. The optional
@@ -38,16 +38,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from abkd_trainer.divergences.chunked import rowwise_loss_and_grad
+from abkd_trainer.divergences.chunked import backward_keeps_graph, rowwise_loss_and_grad
 from abkd_trainer.divergences.pointwise import ABDivergence, PointwiseDivergence, make_divergence
 
 __all__ = [
-    "DEFAULT_FUSED_CHUNK_ELEMENTS",
-    "POINTWISE_TILE_ELEMENTS",
+    "ACCELERATOR_PROJECTION_ELEMENTS",
+    "CPU_POINTWISE_ELEMENTS_PER_THREAD",
+    "CPU_PROJECTION_ELEMENTS",
+    "MIN_PROJECTION_ROWS",
     "FusedLinearDistillationOutput",
     "LogitTransform",
     "default_fused_chunk_size",
@@ -55,20 +57,44 @@ __all__ = [
     "fused_linear_divergence",
 ]
 
-# Values per projection buffer (32 MiB in fp32; 262 rows at V = 32000, 55 at V = 151936): enough
-# rows for CPU GEMMs to run near peak, while two buffers stay far below one logits tensor.
-# Accelerators want more rows per GEMM; pass a larger `chunk_size` there.
-DEFAULT_FUSED_CHUNK_ELEMENTS = 2**23
-# Values per divergence tile (1 MiB in fp32; 8 rows at V = 32000): its temporaries stay in cache
-# and are recycled by the allocator, which on CPU is 3-4x faster than 128-row tiles.
-POINTWISE_TILE_ELEMENTS = 2**18
+# Values per projection buffer on CPU (32 MiB in fp32; 262 rows at V = 32000): two buffers stay
+# far below one logits tensor.
+CPU_PROJECTION_ELEMENTS = 2**23
+# Accelerators get larger tiles (128 MiB; 220 rows at V = 151936): fewer, larger GEMMs.
+ACCELERATOR_PROJECTION_ELEMENTS = 2**25
+# ...but never fewer rows than this: every projection tile re-reads the head weight, and once the
+# weight outgrows the cache, thin tiles make the GEMMs memory-bound (at Qwen2.5-0.5B's shape on
+# CPU, 55-row tiles took 62 s per 4096 tokens, 256-row tiles 49 s, 512-row tiles 48 s).
+MIN_PROJECTION_ROWS = 256
+# Values per divergence tile and CPU thread (1 MiB in fp32; 8 rows at V = 32000 on one thread): the
+# tile's temporaries stay in cache and are recycled by the allocator, which on CPU made the
+# divergence 3-4x faster than 128-row tiles whose fresh pages fault in on every operation.
+CPU_POINTWISE_ELEMENTS_PER_THREAD = 2**18
+# Accelerators pay per kernel launch instead: their divergence tiles are 32 MiB (in fp32).
+_ACCELERATOR_POINTWISE_ELEMENTS = 2**23
 _REDUCTIONS = ("none", "sum", "mean")
 IGNORE_INDEX = -100
 
 
-def default_fused_chunk_size(vocab_size: int) -> int:
-    """Tokens per projection tile: ``DEFAULT_FUSED_CHUNK_ELEMENTS // vocab_size`` (at least 1)."""
-    return max(1, DEFAULT_FUSED_CHUNK_ELEMENTS // max(1, vocab_size))
+def default_fused_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Tokens per projection tile on ``device``: ``CPU_PROJECTION_ELEMENTS // vocab_size`` on CPU,
+    ``ACCELERATOR_PROJECTION_ELEMENTS // vocab_size`` elsewhere, at least ``MIN_PROJECTION_ROWS``.
+    """
+    elements = (
+        CPU_PROJECTION_ELEMENTS
+        if torch.device(device).type == "cpu"
+        else ACCELERATOR_PROJECTION_ELEMENTS
+    )
+    return max(MIN_PROJECTION_ROWS, elements // max(1, vocab_size))
+
+
+def _pointwise_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows per divergence tile (see ``CPU_POINTWISE_ELEMENTS_PER_THREAD``)."""
+    if device.type == "cpu":
+        elements = CPU_POINTWISE_ELEMENTS_PER_THREAD * torch.get_num_threads()
+    else:
+        elements = _ACCELERATOR_POINTWISE_ELEMENTS
+    return max(1, elements // max(1, vocab_size))
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,29 @@ class LogitTransform:
             raise ValueError(
                 f"`logit_softcap` must be a positive finite number or None, got {self.softcap!r}."
             )
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        """What a transformers model of this ``config`` does to its LM head's output.
+
+        Reads the attributes transformers' causal LMs apply after ``lm_head`` (the same list TRL's
+        fused heads read): ``logit_scale`` (Cohere), ``output_multiplier``, ``lm_head_multiplier``
+        (Falcon-H1), ``logits_scaling`` (Granite, MiniCPM3 divide by it; HyperCLOVA X multiplies)
+        and ``final_logit_softcapping`` (Gemma 2/3). Multimodal configs are read through
+        ``get_text_config()``.
+        """
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = None
+        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+            scale = getattr(text_config, name, None)
+            if scale is not None:
+                break
+        logits_scaling = getattr(text_config, "logits_scaling", None)
+        if scale is None and logits_scaling is not None:
+            is_multiplier = getattr(text_config, "model_type", None) == "hyperclovax"
+            scale = logits_scaling if is_multiplier else 1.0 / logits_scaling
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+        return cls(scale=1.0 if scale is None else float(scale), softcap=softcap)
 
     def apply_(self, raw_logits: torch.Tensor) -> torch.Tensor:
         """Transform ``raw_logits`` ``(n, V)`` in place and return it."""
@@ -146,16 +195,13 @@ class _LossSpec:
     teacher_transform: LogitTransform
     vocab_size: int
     chunk_size: int
+    pointwise_rows: int
     with_labels: bool
     divergence_weight: float
     ce_weight: float
     # GEMM input dtypes: the hidden states' dtype, or the autocast dtype active at the call.
     student_dtype: torch.dtype
     teacher_dtype: torch.dtype
-
-    @property
-    def pointwise_rows(self) -> int:
-        return max(1, POINTWISE_TILE_ELEMENTS // self.vocab_size)
 
 
 def _gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -191,6 +237,27 @@ def _project_into(
     if bias is not None:
         out.add_(bias)
     return out
+
+
+def _add_product_(
+    accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor, gemm_dtype: torch.dtype
+) -> None:
+    """``accumulator += left @ right`` with the sum kept in the accumulator's (fp32+) dtype.
+
+    On CUDA a 16-bit model's GEMM runs in ``gemm_dtype`` with fp32 accumulation and output;
+    elsewhere the product is formed in the accumulator's dtype. Either way no tile's contribution
+    is rounded to 16 bits before it is added.
+    """
+    if accumulator.device.type == "cuda" and gemm_dtype != accumulator.dtype:
+        torch.addmm(
+            accumulator,
+            left.to(gemm_dtype),
+            right.to(gemm_dtype),
+            out_dtype=accumulator.dtype,
+            out=accumulator,
+        )
+    else:
+        accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
 
 
 def _cross_entropy_and_grad(
@@ -307,7 +374,11 @@ def _walk_tiles_impl(
 
     num_rows = student_hidden.shape[0]
     device = student_hidden.device
-    divergence = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    # fp32 logits for 16-bit and fp32 models, float64 for float64 (as the logits-based path does).
+    work_dtype = torch.promote_types(
+        torch.promote_types(spec.student_dtype, spec.teacher_dtype), torch.float32
+    )
+    divergence = torch.zeros(num_rows, dtype=work_dtype, device=device)
     cross_entropy = torch.zeros_like(divergence) if spec.with_labels else None
     agreement = torch.zeros_like(divergence) if spec.with_labels else None
 
@@ -327,9 +398,6 @@ def _walk_tiles_impl(
             student_bias.shape, dtype=_accumulator_dtype(student_bias.dtype), device=device
         )
 
-    work_dtype = torch.promote_types(
-        torch.promote_types(spec.student_dtype, spec.teacher_dtype), torch.float32
-    )
     buffer_rows = min(spec.chunk_size, num_rows)
     student_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
     teacher_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
@@ -370,12 +438,11 @@ def _walk_tiles_impl(
         if row_grad_weights is not None:
             grad_tile.mul_(row_grad_weights[rows].unsqueeze(-1).to(grad_tile.dtype))
         if grad_hidden is not None:
-            # One GEMM spans the whole vocabulary of these rows: no sum across tiles to round.
-            grad_hidden[rows] = torch.mm(grad_tile.to(student_head.dtype), student_head)
+            # One GEMM, in the forward GEMM's dtype, spans the whole vocabulary of these rows:
+            # there is no sum across tiles to round.
+            grad_hidden[rows] = torch.mm(grad_tile.to(spec.student_dtype), student_head)
         if grad_weight is not None:
-            grad_weight[:vocab].addmm_(
-                grad_tile.t().to(grad_weight.dtype), student_hidden[rows].to(grad_weight.dtype)
-            )
+            _add_product_(grad_weight[:vocab], grad_tile.t(), hidden_tile, spec.student_dtype)
         if grad_bias is not None:
             grad_bias[:vocab] += grad_tile.sum(dim=0).to(grad_bias.dtype)
 
@@ -440,9 +507,11 @@ class _FusedLinearSumFunction(torch.autograd.Function):
             if stored is None or grad_loss is None:
                 grads.append(None)
                 continue
-            # In place: what forward stored is what backward returns (a second backward through
-            # the same graph fails autograd's version check instead of silently rescaling twice).
-            grads.append(stored.mul_(grad_loss.to(stored.dtype)).to(dtype))
+            scale = grad_loss.to(stored.dtype)
+            # In place unless the graph is kept for another backward (retain_graph, gradcheck):
+            # then what forward stored must survive this pass.
+            grad = stored * scale if backward_keeps_graph() else stored.mul_(scale)
+            grads.append(grad.to(dtype))
         return (*grads, None, None, None, None, None)
 
 
@@ -623,8 +692,8 @@ def fused_linear_divergence(
             computed in the same pass; counted positions must hold a target in ``[0, vocab_size)``.
         divergence_weight, ce_weight: the output's ``loss`` is ``divergence_weight * divergence +
             ce_weight * cross_entropy`` (``labels`` only; e.g. ``kd_ratio`` and ``1 - kd_ratio``).
-        chunk_size: tokens per chunk; None picks ~``DEFAULT_FUSED_CHUNK_ELEMENTS`` values per
-            fp32 ``(chunk, V)`` temporary.
+        chunk_size: tokens per projection tile (two fp32 ``(chunk_size, V)`` buffers); None picks
+            ``default_fused_chunk_size(V, device)``.
 
     Returns:
         Without ``labels``: the fp32 divergence in nats (shape ``(...)`` for ``reduction="none"``,
@@ -694,15 +763,15 @@ def fused_linear_divergence(
         student_transform=LogitTransform(student_logit_scale, student_logit_softcap),
         teacher_transform=LogitTransform(teacher_logit_scale, teacher_logit_softcap),
         vocab_size=vocab,
-        chunk_size=chunk_size or default_fused_chunk_size(vocab),
+        chunk_size=chunk_size or default_fused_chunk_size(vocab, student_hidden.device),
+        pointwise_rows=_pointwise_rows(vocab, student_hidden.device),
         with_labels=labels_1d is not None,
         divergence_weight=float(divergence_weight),
         ce_weight=float(ce_weight),
         student_dtype=_gemm_dtype(student_hidden),
         teacher_dtype=_gemm_dtype(teacher_hidden),
     )
-    function = _FusedLinearRowsFunction if reduction == "none" else _FusedLinearSumFunction
-    loss, *per_row = function.apply(
+    inputs = (
         student_2d,
         student_weight,
         student_bias,
@@ -712,6 +781,16 @@ def fused_linear_divergence(
         labels_1d,
         spec,
     )
+    student_params = (student_2d, student_weight, student_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student_params):
+        function = _FusedLinearRowsFunction if reduction == "none" else _FusedLinearSumFunction
+        loss, *per_row = function.apply(*inputs)
+    else:
+        # Evaluation: autograd.Function would still report `needs_input_grad` under no_grad and
+        # build gradients nobody reads; compute the values alone.
+        per_row, _ = _walk_tiles(*inputs, needs_grad=(False, False, False), row_grad_weights=None)
+        row_loss, per_row = _split_outputs(per_row, spec)
+        loss = row_loss if reduction == "none" else row_loss.sum()
 
     num_rows = student_2d.shape[0]
     count = torch.tensor(num_rows, dtype=torch.int64, device=student_hidden.device)
