@@ -42,10 +42,27 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _table(fields: list[dataclasses.Field]) -> list[str]:
+def _annotation(cls: type, name: str) -> str:
+    """The field's annotation as written in the source.
+
+    Not ``Field.type``: transformers' ``HfArgumentParser`` rewrites that in place (``float | None``
+    becomes ``float``) once any parser was built in the process, so it depends on history.
+    """
+    for klass in cls.__mro__:
+        annotation = vars(klass).get("__annotations__", {}).get(name)
+        if annotation is not None:
+            return (
+                annotation
+                if isinstance(annotation, str)
+                else getattr(annotation, "__name__", str(annotation))
+            )
+    return "?"
+
+
+def _table(cls: type, fields: list[dataclasses.Field]) -> list[str]:
     lines = ["| flag | type | default | description |", "| --- | --- | --- | --- |"]
     for f in fields:
-        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        type_name = _annotation(cls, f.name)
         help_text = f.metadata.get("help", "")
         lines.append(
             f"| `--{f.name}` | `{_cell(type_name)}` | {_cell(_default(f))} | {_cell(help_text)} |"
@@ -60,6 +77,7 @@ def render_config_reference() -> str:
     from abkd_trainer.cli import _script_arguments_class
     from abkd_trainer.config import ABKDConfig
 
+    script_arguments = _script_arguments_class()
     lines = [
         BEGIN_MARKER,
         "",
@@ -67,14 +85,14 @@ def render_config_reference() -> str:
         "every SFT and Trainer argument also applies; `abkd-train --help` lists them all. The "
         "fields ABKD adds:",
         "",
-        *_table(_own_fields(ABKDConfig, SFTConfig)),
+        *_table(ABKDConfig, _own_fields(ABKDConfig, SFTConfig)),
         "",
         "`abkd-train` also takes TRL's `ScriptArguments` (`--dataset_config`, "
         "`--dataset_train_split`, `--dataset_test_split`, ...) and `ModelConfig` "
         "(`--model_name_or_path`, `--dtype`, `--use_peft`, `--lora_r`, ...), and adds or "
         "redefines these:",
         "",
-        *_table(_own_fields(_script_arguments_class(), ScriptArguments)),
+        *_table(script_arguments, _own_fields(script_arguments, ScriptArguments)),
         "",
         END_MARKER,
     ]

@@ -18,7 +18,7 @@ from testing_utils import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, parse_args
+from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, make_parser, parse_args
 from abkd_trainer.demo import DEMO_DEFAULTS, DEMO_TEACHER_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -319,6 +319,9 @@ def _load_script(name: str):
 
 
 def test_readme_configuration_reference_is_up_to_date():
+    # Building a parser first rewrites the dataclass fields' types in place (HfArgumentParser);
+    # the reference must not depend on whether that happened earlier in the process.
+    make_parser()
     reference = _load_script("generate_config_reference")
     readme = (REPO_ROOT / "README.md").read_text()
     section = reference.render_config_reference()
