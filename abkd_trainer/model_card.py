@@ -27,12 +27,20 @@ def distillation_section(settings: Mapping[str, object]) -> str:
     )
 
 
-def add_distillation_section(card_text: str, settings: Mapping[str, object]) -> str:
-    """``card_text`` with :func:`distillation_section` inserted (replacing an earlier one)."""
+def add_distillation_section(
+    card_text: str, settings: Mapping[str, object], model_location: str | None = None
+) -> str:
+    """``card_text`` with :func:`distillation_section` inserted (replacing an earlier one).
+
+    ``model_location`` (a local directory) replaces the ``model="None"`` that TRL's quick-start
+    snippet shows for a model without a Hub id.
+    """
     section = distillation_section(settings)
     card_text = card_text.replace(
         _NO_BASE_MODEL_SENTENCE, "This model is a student distilled with ABKD"
     )
+    if model_location is not None:
+        card_text = card_text.replace('model="None"', f'model="{model_location}"')
     if SECTION_TITLE in card_text:
         # A card rewritten at every checkpoint keeps a single, current section.
         start = card_text.index(SECTION_TITLE)

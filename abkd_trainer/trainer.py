@@ -588,9 +588,12 @@ class ABKDTrainer(SFTTrainer):
         elif self.args.divergence in ("sfkl", "srkl"):
             settings["skew_lambda"] = self.args.skew_lambda
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
-        card_path.write_text(
-            add_distillation_section(card_path.read_text(encoding="utf-8"), settings), "utf-8"
+        card_text = add_distillation_section(
+            card_path.read_text(encoding="utf-8"),
+            settings,
+            model_location=self.hub_model_id or str(self.args.output_dir),
         )
+        card_path.write_text(card_text, "utf-8")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (never the teacher) and, when called by the user, its model card."""

@@ -110,6 +110,9 @@ def test_model_card_of_a_student_without_hub_id_names_no_fake_base_model(tmp_pat
     text = ModelCard.load(tmp_path / "README.md").text
     assert "huggingface.co/None" not in text
     assert "student distilled with ABKD" in text
+    # The quick-start snippet loads the saved student, not a model called "None".
+    assert 'model="None"' not in text
+    assert f'model="{tmp_path}"' in text
 
 
 def test_model_card_of_a_hub_student_keeps_its_base_model(tmp_path):
