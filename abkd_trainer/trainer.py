@@ -46,6 +46,14 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
+# Divergence name -> {keyword of the divergence function: ABKDConfig field holding its value}.
+# (The AB pair follows the alpha_end / beta_end schedule; see current_alpha_beta.)
+_DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
+    "ab": {"alpha": "alpha", "beta": "beta"},
+    "jsd": {"beta": "jsd_beta"},
+    "sfkl": {"skew_lambda": "skew_lambda"},
+    "srkl": {"skew_lambda": "skew_lambda"},
+}
 # Per-mode running sums behind the logged averages, in this order.
 _METRIC_SUMS = ("kd_loss", "ce_loss", "teacher_agreement", "num_supervised")
 
@@ -316,11 +324,8 @@ class ABKDTrainer(SFTTrainer):
         if self.args.divergence == "ab":
             alpha, beta = self.current_alpha_beta()
             return {"alpha": alpha, "beta": beta}
-        if self.args.divergence == "jsd":
-            return {"beta": self.args.jsd_beta}
-        if self.args.divergence in ("sfkl", "srkl"):
-            return {"skew_lambda": self.args.skew_lambda}
-        return {}
+        fields = _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {})
+        return {param: getattr(self.args, field) for param, field in fields.items()}
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
@@ -577,16 +582,12 @@ class ABKDTrainer(SFTTrainer):
             return
         card_path = Path(self.args.output_dir) / "README.md"
         settings = {"Teacher": self._teacher_name, "Divergence": self.args.divergence}
+        for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
+            settings[field] = getattr(self.args, field)
         if self.args.divergence == "ab":
-            settings.update(alpha=self.args.alpha, beta=self.args.beta)
-            if self.args.alpha_end is not None:
-                settings["alpha_end"] = self.args.alpha_end
-            if self.args.beta_end is not None:
-                settings["beta_end"] = self.args.beta_end
-        elif self.args.divergence == "jsd":
-            settings["jsd_beta"] = self.args.jsd_beta
-        elif self.args.divergence in ("sfkl", "srkl"):
-            settings["skew_lambda"] = self.args.skew_lambda
+            for field in ("alpha_end", "beta_end"):
+                if getattr(self.args, field) is not None:
+                    settings[field] = getattr(self.args, field)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),
