@@ -28,7 +28,18 @@ class ABKDConfig(SFTConfig):
             ``(0.2, 0.7)`` is the paper's GPT-2 recipe; ``(1, 0)`` is forward KL, ``(0, 1)``
             reverse KL.
         alpha_end, beta_end (`float`, *optional*): when set, alpha / beta move linearly from their
-            start value to this value over the training steps; None keeps them constant.
+            configured value (reached at the end of the warm-up) to this value over the remaining
+            training steps; None keeps them constant.
+        ab_warmup_ratio (`float`, defaults to `0.5`), ab_warmup_steps (`int`, defaults to `0`):
+            length of the warm-up of the alpha-beta divergence, as a fraction of the training
+            steps or (when > 0, winning) a number of steps: ``(alpha, beta)`` starts at
+            ``(ab_warmup_start_alpha, ab_warmup_start_beta)`` and reaches the configured values
+            in a straight line, then holds (or follows ``alpha_end`` / ``beta_end``). Both 0
+            disable it. Ignored for other divergences. See :mod:`abkd_trainer.schedules`.
+        ab_warmup_start_alpha, ab_warmup_start_beta (`float`, default to `1.0`, `0.0`): the
+            warm-up's start, forward KL by default.
+        ab_warmup_shape (`str`, defaults to `"linear"`): ``"linear"`` or ``"cosine"`` speed along
+            the warm-up path.
         temperature (`float`, defaults to `1.0`): softmax temperature of the divergence.
         divergence (`str`, defaults to `"ab"`): one of ``abkd_trainer.DIVERGENCE_NAMES``.
         jsd_beta (`float`, defaults to `0.5`): beta of ``divergence="jsd"`` (TRL convention: 0 is
@@ -80,6 +91,39 @@ class ABKDConfig(SFTConfig):
         metadata={
             "help": "If set, beta moves linearly from `beta` to this value over the training "
             "steps. Only for `divergence='ab'`."
+        },
+    )
+    ab_warmup_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "Warm-up of the alpha-beta divergence: the fraction of the training steps over "
+            "which (alpha, beta) moves in a straight line from (`ab_warmup_start_alpha`, "
+            "`ab_warmup_start_beta`), forward KL by default, to (`alpha`, `beta`), then holds. It "
+            "keeps mode-seeking settings such as (0.2, 0.7) from collapsing a student that does "
+            "not yet overlap the teacher. 0 disables it (with `ab_warmup_steps` 0). Only for "
+            "`divergence='ab'`."
+        },
+    )
+    ab_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Number of warm-up steps of the alpha-beta divergence; overrides "
+            "`ab_warmup_ratio` when > 0."
+        },
+    )
+    ab_warmup_start_alpha: float = field(
+        default=1.0,
+        metadata={"help": "Alpha at step 0 of the warm-up (1 with beta 0 is forward KL)."},
+    )
+    ab_warmup_start_beta: float = field(
+        default=0.0,
+        metadata={"help": "Beta at step 0 of the warm-up."},
+    )
+    ab_warmup_shape: str = field(
+        default="linear",
+        metadata={
+            "help": "Speed along the warm-up path: 'linear' (constant) or 'cosine' (half-cosine "
+            "ease, slow at both ends)."
         },
     )
     temperature: float = field(
@@ -172,6 +216,7 @@ class ABKDConfig(SFTConfig):
         for name in ("alpha_end", "beta_end"):
             if getattr(self, name) is not None:
                 _require_finite(name, getattr(self, name))
+        self._validate_ab_warmup()
         temperature = _require_finite("temperature", self.temperature)
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
@@ -197,6 +242,29 @@ class ABKDConfig(SFTConfig):
             raise ValueError(
                 "`loss_chunk_size` must be a positive integer or None, "
                 f"got {self.loss_chunk_size!r}."
+            )
+
+    def _validate_ab_warmup(self) -> None:
+        from abkd_trainer.schedules import WARMUP_SHAPES
+
+        ratio = _require_finite("ab_warmup_ratio", self.ab_warmup_ratio)
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(
+                f"`ab_warmup_ratio` must be in [0, 1] (a fraction of the training steps), got "
+                f"{ratio}. Use `ab_warmup_steps` for a number of steps, 0 to disable the warm-up."
+            )
+        steps = self.ab_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(
+                f"`ab_warmup_steps` must be a non-negative integer (0: use `ab_warmup_ratio`), "
+                f"got {steps!r}."
+            )
+        for name in ("ab_warmup_start_alpha", "ab_warmup_start_beta"):
+            _require_finite(name, getattr(self, name))
+        if self.ab_warmup_shape not in WARMUP_SHAPES:
+            raise ValueError(
+                f"`ab_warmup_shape` must be one of {', '.join(map(repr, WARMUP_SHAPES))}, got "
+                f"{self.ab_warmup_shape!r}."
             )
 
 

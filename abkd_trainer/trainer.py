@@ -39,6 +39,7 @@ from abkd_trainer.config import ABKDConfig
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.model_card import add_distillation_section
+from abkd_trainer.schedules import scheduled_alpha_beta
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -47,7 +48,7 @@ logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
 # Divergence name -> {keyword of the divergence function: ABKDConfig field holding its value}.
-# (The AB pair follows the alpha_end / beta_end schedule; see current_alpha_beta.)
+# (The AB pair follows abkd_trainer.schedules; see current_alpha_beta.)
 _DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "ab": {"alpha": "alpha", "beta": "beta"},
     "jsd": {"beta": "jsd_beta"},
@@ -56,18 +57,6 @@ _DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
 }
 # Per-mode running sums behind the logged averages, in this order.
 _METRIC_SUMS = ("kd_loss", "ce_loss", "teacher_agreement", "num_supervised")
-
-
-def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
-    """A hyper-parameter moving linearly from ``start`` (step 0) to ``end`` (step ``total_steps``).
-
-    ``end=None`` means constant. Steps outside ``[0, total_steps]`` are clamped;
-    ``total_steps <= 0`` (before training starts) gives ``start``.
-    """
-    if end is None or total_steps <= 0:
-        return start
-    progress = min(max(step / total_steps, 0.0), 1.0)
-    return start + (end - start) * progress
 
 
 class ABKDTrainer(SFTTrainer):
@@ -313,12 +302,8 @@ class ABKDTrainer(SFTTrainer):
     # ------------------------------------------------------------------ loss
 
     def current_alpha_beta(self) -> tuple[float, float]:
-        """``(alpha, beta)`` at the current global step, following ``alpha_end`` / ``beta_end``."""
-        step, total = self.state.global_step, self.state.max_steps
-        return (
-            linear_schedule(self.args.alpha, self.args.alpha_end, step, total),
-            linear_schedule(self.args.beta, self.args.beta_end, step, total),
-        )
+        """``(alpha, beta)`` at the current global step (see :mod:`abkd_trainer.schedules`)."""
+        return scheduled_alpha_beta(self.args, self.state.global_step, self.state.max_steps)
 
     def _divergence_params(self) -> dict[str, float]:
         if self.args.divergence == "ab":
@@ -588,6 +573,8 @@ class ABKDTrainer(SFTTrainer):
             for field in ("alpha_end", "beta_end"):
                 if getattr(self.args, field) is not None:
                     settings[field] = getattr(self.args, field)
+            warmup = "ab_warmup_steps" if self.args.ab_warmup_steps > 0 else "ab_warmup_ratio"
+            settings[warmup] = getattr(self.args, warmup)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),

@@ -69,7 +69,10 @@ def fresh_trainer(output_dir, **overrides):
         max_steps=6,  # 8 examples, batch 2: the run crosses an epoch boundary
         save_strategy="steps",
         save_steps=3,
-        alpha_end=0.9,  # the schedule must resume from the restored step too
+        # The schedule must resume from the restored step too: warm-up over steps 0-2, then
+        # alpha_end over steps 3-5 (resumed at checkpoint-3, the boundary between them).
+        ab_warmup_ratio=0.5,
+        alpha_end=0.9,
         **overrides,
     )
 
@@ -90,4 +93,5 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path):
     for step in (4, 5, 6):
         assert observed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
     alphas = [log["alpha"] for log in resumed.state.log_history if "alpha" in log]
-    assert alphas == pytest.approx([0.2 + 0.7 * k / 6 for k in range(6)])
+    warmup = [1.0 - 0.8 * k / 3 for k in range(3)]  # from forward KL's 1 towards 0.2
+    assert alphas == pytest.approx(warmup + [0.2 + 0.7 * k / 3 for k in range(3)])

@@ -21,8 +21,6 @@ from testing_utils import (
     reference_distillation_sums,
 )
 
-from abkd_trainer.trainer import linear_schedule
-
 NUM_EXAMPLES = 6
 REL = 1e-5
 
@@ -277,25 +275,15 @@ def test_only_the_student_receives_gradients(tmp_path):
     assert all(p.grad is None for p in trainer.teacher_model.parameters())
 
 
-@pytest.mark.parametrize(
-    ("start", "end", "step", "total", "expected"),
-    [
-        (0.2, None, 5, 10, 0.2),
-        (0.2, 1.0, 0, 10, 0.2),
-        (0.2, 1.0, 5, 10, 0.6),
-        (0.2, 1.0, 10, 10, 1.0),
-        (0.2, 1.0, 15, 10, 1.0),
-        (0.7, 0.1, 3, 4, 0.25),
-        (0.2, 1.0, 0, 0, 0.2),
-    ],
-)
-def test_linear_schedule(start, end, step, total, expected):
-    assert linear_schedule(start, end, step, total) == pytest.approx(expected)
-
-
 def test_alpha_and_beta_follow_their_schedule(tmp_path):
     trainer = build_abkd_trainer(
-        tmp_path, max_steps=4, alpha=0.2, alpha_end=1.0, beta=0.7, beta_end=0.3
+        tmp_path,
+        max_steps=4,
+        alpha=0.2,
+        alpha_end=1.0,
+        beta=0.7,
+        beta_end=0.3,
+        ab_warmup_ratio=0.0,  # the linear schedule alone (tests/test_schedules.py: with warm-up)
     )
     trainer.train()
     history = [log for log in trainer.state.log_history if "alpha" in log]
