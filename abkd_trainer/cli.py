@@ -287,20 +287,29 @@ def configured_divergences(training_args: ABKDConfig) -> dict[str, Any]:
     return divergences
 
 
-def run(
-    script_args: Any, training_args: ABKDConfig, model_args: Any, mixture_args: Any, demo: bool
-) -> dict | None:
-    """Train, save the student with its tokenizer and model card, write the report.
+@dataclass
+class RunInputs:
+    """What a run of ``abkd-train`` trains: the student (a model, or a name the trainer loads),
+    its tokenizer, the splits, and labels for the report."""
 
-    Returns:
-        The report (main process, ROUGE-L evaluation on), else None.
+    model: Any
+    tokenizer: Any
+    train_dataset: Dataset
+    test_dataset: Dataset | None
+    student_label: str
+    dataset_label: str
+
+
+def load_run_inputs(
+    script_args: Any, training_args: ABKDConfig, model_args: Any, mixture_args: Any, demo: bool
+) -> RunInputs:
+    """The student, tokenizer and datasets named by parsed ``abkd-train`` arguments.
+
+    In demo mode the student is freshly initialised from ``training_args.seed``; otherwise it is
+    ``model_args.model_name_or_path``, loaded later by the trainer (sharded under ZeRO-3) with
+    the ``model_init_kwargs`` this function writes into ``training_args``.
     """
     from transformers import AutoConfig, AutoTokenizer
-    from trl import get_peft_config
-
-    from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
-    from abkd_trainer.report import format_comparison_table, make_report, write_report
-    from abkd_trainer.trainer import ABKDTrainer
 
     if demo:
         from abkd_trainer.demo import (
@@ -351,6 +360,27 @@ def run(
     test_dataset = (
         _split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
     )
+    return RunInputs(model, tokenizer, train_dataset, test_dataset, student_label, dataset_label)
+
+
+def run(
+    script_args: Any, training_args: ABKDConfig, model_args: Any, mixture_args: Any, demo: bool
+) -> dict | None:
+    """Train, save the student with its tokenizer and model card, write the report.
+
+    Returns:
+        The report (main process, ROUGE-L evaluation on), else None.
+    """
+    from trl import get_peft_config
+
+    from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
+    from abkd_trainer.report import format_comparison_table, make_report, write_report
+    from abkd_trainer.trainer import ABKDTrainer
+
+    inputs = load_run_inputs(script_args, training_args, model_args, mixture_args, demo)
+    model, tokenizer = inputs.model, inputs.tokenizer
+    train_dataset, test_dataset = inputs.train_dataset, inputs.test_dataset
+    dataset_label, student_label = inputs.dataset_label, inputs.student_label
 
     trainer = ABKDTrainer(
         model=model,

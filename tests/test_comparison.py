@@ -1,0 +1,127 @@
+"""compare_divergences and its command line, end to end on tiny saved models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from testing_utils import (
+    build_prompt_completion_dataset,
+    build_student_and_teacher,
+    build_tiny_tokenizer,
+)
+
+from abkd_trainer.comparison import METHODS, Comparison, Method, compare_divergences
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_divergences.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("compare_divergences_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_task(tmp_path) -> list[str]:
+    """abkd-train flags of a tiny task: saved student and teacher, local train and test files."""
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("qwen2", tokenizer)
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    Dataset.from_list(build_prompt_completion_dataset(8).to_list()).to_json(
+        tmp_path / "train.jsonl"
+    )
+    Dataset.from_list(build_prompt_completion_dataset(3).to_list()).to_json(tmp_path / "test.jsonl")
+    # fmt: off
+    return [
+        "--model_name_or_path", str(tmp_path / "student"),
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"),
+        "--dataset_name", str(tmp_path / "train.jsonl"),
+        "--dataset_test_file", str(tmp_path / "test.jsonl"),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--rouge_l_max_new_tokens", "4", "--rouge_l_num_prompts", "2",
+        "--use_cpu", "true", "--bf16", "false", "--dataloader_num_workers", "0",
+    ]
+    # fmt: on
+
+
+def test_every_method_is_trained_and_scored_from_the_fine_tuned_student(tmp_path, tiny_task):
+    methods = [METHODS["fkl"], METHODS["ab"]]
+    seen = []
+    comparison = compare_divergences(
+        tiny_task,
+        methods,
+        training_seeds=[0],
+        sft_steps=2,
+        sampling_seeds=[0, 1],
+        work_dir=tmp_path / "work",
+        on_run=lambda comparison, row: seen.append(row["method"]),
+    )
+    assert seen == ["FKL", "AB (0.2, 0.7), default warm-up"]
+    assert [row["method"] for row in comparison.reference_rows] == ["teacher", "student after SFT"]
+    assert (tmp_path / "work" / "sft-seed0" / "model.safetensors").is_file()
+    for row in comparison.runs:
+        assert 0.0 <= row["rouge_l"] <= 100.0
+        assert row["fkl_to_teacher"] > 0 and row["rkl_to_teacher"] > 0
+    # Distillation moved the students: they differ from the fine-tuned start and each other.
+    sft_fkl = comparison.reference_rows[1]["fkl_to_teacher"]
+    fkls = [row["fkl_to_teacher"] for row in comparison.runs]
+    assert sft_fkl not in fkls and fkls[0] != fkls[1]
+
+
+def test_summary_aggregates_over_training_seeds():
+    comparison = Comparison(
+        runs=[
+            {"method": "A", "seed": 0, "rouge_l": 10.0, "fkl_to_teacher": 1.0},
+            {"method": "A", "seed": 1, "rouge_l": 20.0, "fkl_to_teacher": 3.0},
+            {"method": "B", "seed": 0, "rouge_l": 5.0, "fkl_to_teacher": 2.0},
+        ],
+        settings={"training_seeds": [0, 1]},
+    )
+    rows = {row["method"]: row for row in comparison.summary()}
+    assert rows["A"]["rouge_l"] == 15.0 and rows["A"]["rouge_l_std"] == pytest.approx(7.0710678)
+    assert (rows["A"]["rouge_l_min"], rows["A"]["rouge_l_max"]) == (10.0, 20.0)
+    assert rows["A"]["fkl_to_teacher"] == 2.0
+    assert rows["B"]["num_seeds"] == 1 and rows["B"]["rouge_l_std"] == 0.0
+
+
+def test_duplicate_labels_are_rejected(tiny_task):
+    with pytest.raises(ValueError, match="unique"):
+        compare_divergences(tiny_task, [Method("x", ()), Method("x", ("--alpha", "0.5"))])
+
+
+def test_the_script_writes_table_json_and_chart(tmp_path, tiny_task, capsys):
+    script = _load_script()
+    output_dir = tmp_path / "out"
+    exit_code = script.main(
+        [
+            "--task_args=" + " ".join(tiny_task),
+            "--methods", "fkl",
+            "--custom", "AB (0.5, 0.5): --alpha 0.5 --beta 0.5 --ab_warmup_ratio 0",
+            "--training_seeds", "3",
+            "--sampling_seeds", "0",
+            "--output_dir", str(output_dir),
+        ]
+    )  # fmt: skip
+    assert exit_code == 0
+    report = json.loads((output_dir / "comparison.json").read_text())
+    assert [row["method"] for row in report["summary"]] == ["teacher", "FKL", "AB (0.5, 0.5)"]
+    assert report["settings"]["training_seeds"] == [3]
+    assert (
+        report["settings"]["methods"]["AB (0.5, 0.5)"]
+        == "--alpha 0.5 --beta 0.5 --ab_warmup_ratio 0"
+    )
+    assert "compare_divergences.py" in report["settings"]["command"]
+    assert report["settings"]["machine"]["torch_threads"] >= 1
+    table = (output_dir / "comparison.md").read_text()
+    assert "| FKL |" in table and "| AB (0.5, 0.5) |" in table
+    assert (output_dir / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert "FKL" in capsys.readouterr().out
