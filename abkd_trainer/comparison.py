@@ -70,6 +70,35 @@ class Comparison:
     reference_rows: list[dict[str, Any]] = field(default_factory=list)  # teacher, SFT'd student
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Comparison:
+        """Read a ``comparison.json`` written by :meth:`write` (a file or its directory)."""
+        path = Path(path)
+        data = json.loads((path / "comparison.json" if path.is_dir() else path).read_text())
+        return cls(data["runs"], data["reference_rows"], data["settings"])
+
+    @classmethod
+    def merge(cls, parts: Sequence[Comparison]) -> Comparison:
+        """One comparison from several run on the same task with different training seeds.
+
+        The teacher is kept once; the settings are the first part's, with the training seeds,
+        commands and wall times of all parts.
+        """
+        if not parts:
+            raise ValueError("Nothing to merge.")
+        merged = cls(settings=dict(parts[0].settings))
+        for part in parts:
+            merged.runs += part.runs
+            merged.reference_rows += [
+                row for row in part.reference_rows if row["method"] != "teacher" or part is parts[0]
+            ]
+        merged.settings["training_seeds"] = sorted(
+            {seed for part in parts for seed in part.settings.get("training_seeds", [])}
+        )
+        for key in ("command", "wall_time_s"):
+            merged.settings[key] = [part.settings.get(key) for part in parts]
+        return merged
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per method (in run order): mean, std, min, max over training seeds."""
         by_method: dict[str, list[dict[str, Any]]] = {}

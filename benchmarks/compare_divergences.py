@@ -15,6 +15,8 @@ comparison.json and comparison.png (error bars: std over training seeds) into --
     python benchmarks/compare_divergences.py --methods fkl ab --task_args="--model_name_or_path \\
         S --teacher_model_name_or_path T --dataset_name train.jsonl --dataset_test_file \\
         test.jsonl --max_steps 500 --learning_rate 1e-4"
+    # seeds run separately (e.g. on two machines), then one table
+    python benchmarks/compare_divergences.py --merge out-seed0 out-seed1 --output_dir out
     # a custom setting: "LABEL: abkd-train flags"
     python benchmarks/compare_divergences.py --methods fkl --custom "AB (0.5, 0.5): --alpha 0.5 \\
         --beta 0.5"
@@ -27,7 +29,7 @@ import shlex
 import sys
 import time
 
-from abkd_trainer.comparison import METHODS, Method, compare_divergences
+from abkd_trainer.comparison import METHODS, Comparison, Method, compare_divergences
 
 # The default budget per run on the demo: 300 of the demo's 1000 steps (same learning rate and
 # schedule shape), so that every method with 1 training seed fits in a few minutes on a CPU.
@@ -75,7 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sampling_seeds", nargs="+", type=int, default=[10, 20, 30, 40, 50])
     parser.add_argument("--output_dir", default="compare-divergences")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="Instead of running: merge the comparison.json of earlier runs of this script (the "
+        "same task and methods, different training seeds) into --output_dir.",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        comparison = Comparison.merge([Comparison.load(path) for path in args.merge])
+        comparison.write(args.output_dir)
+        print(comparison.to_markdown())
+        return 0
 
     methods = parse_methods(args.methods, args.custom)
     command = "python benchmarks/compare_divergences.py " + shlex.join(

@@ -125,3 +125,24 @@ def test_the_script_writes_table_json_and_chart(tmp_path, tiny_task, capsys):
     assert "| FKL |" in table and "| AB (0.5, 0.5) |" in table
     assert (output_dir / "comparison.png").read_bytes().startswith(b"\x89PNG")
     assert "FKL" in capsys.readouterr().out
+
+
+def test_parts_with_different_seeds_merge_into_one_table(tmp_path):
+    def part(seed, rouge):
+        return Comparison(
+            runs=[{"method": "FKL", "seed": seed, "rouge_l": rouge, "fkl_to_teacher": 0.5}],
+            reference_rows=[{"method": "teacher", "seed": seed, "rouge_l": 80.0}],
+            settings={"training_seeds": [seed], "command": f"run {seed}"},
+        )
+
+    part(0, 40.0).write(tmp_path / "a")
+    part(1, 50.0).write(tmp_path / "b")
+    script = _load_script()
+    assert script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir",
+                        str(tmp_path / "merged")]) == 0  # fmt: skip
+    merged = Comparison.load(tmp_path / "merged")
+    rows = {row["method"]: row for row in merged.summary()}
+    assert rows["FKL"]["rouge_l"] == 45.0 and rows["FKL"]["num_seeds"] == 2
+    assert rows["teacher"]["num_seeds"] == 1
+    assert merged.settings["training_seeds"] == [0, 1]
+    assert merged.settings["command"] == ["run 0", "run 1"]
