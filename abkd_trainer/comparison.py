@@ -79,19 +79,27 @@ class Comparison:
 
     @classmethod
     def merge(cls, parts: Sequence[Comparison]) -> Comparison:
-        """One comparison from several run on the same task with different training seeds.
+        """One comparison from several runs on the same task (other seeds or other methods).
 
-        The teacher is kept once; the settings are the first part's, with the training seeds,
-        commands and wall times of all parts.
+        The teacher is kept once, a fine-tuned student once per seed; the settings are the first
+        part's, with the methods, training seeds, commands and wall times of all parts.
         """
         if not parts:
             raise ValueError("Nothing to merge.")
         merged = cls(settings=dict(parts[0].settings))
+        seen = set()
         for part in parts:
             merged.runs += part.runs
-            merged.reference_rows += [
-                row for row in part.reference_rows if row["method"] != "teacher" or part is parts[0]
-            ]
+            for row in part.reference_rows:
+                # The teacher once; a fine-tuned student once per seed (parts may share seeds).
+                key = row["method"] if row["method"] == "teacher" else (row["method"], row["seed"])
+                if key not in seen:
+                    seen.add(key)
+                    merged.reference_rows.append(row)
+            merged.settings["methods"] = {
+                **merged.settings.get("methods", {}),
+                **part.settings.get("methods", {}),
+            }
         merged.settings["training_seeds"] = sorted(
             {seed for part in parts for seed in part.settings.get("training_seeds", [])}
         )

@@ -127,22 +127,31 @@ def test_the_script_writes_table_json_and_chart(tmp_path, tiny_task, capsys):
     assert "FKL" in capsys.readouterr().out
 
 
-def test_parts_with_different_seeds_merge_into_one_table(tmp_path):
-    def part(seed, rouge):
+def test_parts_with_other_seeds_or_methods_merge_into_one_table(tmp_path):
+    def part(seed, method, rouge):
         return Comparison(
-            runs=[{"method": "FKL", "seed": seed, "rouge_l": rouge, "fkl_to_teacher": 0.5}],
-            reference_rows=[{"method": "teacher", "seed": seed, "rouge_l": 80.0}],
-            settings={"training_seeds": [seed], "command": f"run {seed}"},
-        )
+            runs=[{"method": method, "seed": seed, "rouge_l": rouge, "fkl_to_teacher": 0.5}],
+            reference_rows=[
+                {"method": "teacher", "seed": seed, "rouge_l": 80.0},
+                {"method": "student after SFT", "seed": seed, "rouge_l": 20.0 + seed},
+            ],
+            settings={"training_seeds": [seed], "command": f"run {seed} {method}",
+                      "methods": {method: f"--{method}"}},
+        )  # fmt: skip
 
-    part(0, 40.0).write(tmp_path / "a")
-    part(1, 50.0).write(tmp_path / "b")
+    part(0, "FKL", 40.0).write(tmp_path / "a")
+    part(1, "FKL", 50.0).write(tmp_path / "b")
+    part(0, "RKL", 30.0).write(tmp_path / "c")  # another method for seed 0, same SFT'd student
     script = _load_script()
-    assert script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir",
-                        str(tmp_path / "merged")]) == 0  # fmt: skip
+    parts = [str(tmp_path / name) for name in "abc"]
+    assert script.main(["--merge", *parts, "--output_dir", str(tmp_path / "merged")]) == 0
     merged = Comparison.load(tmp_path / "merged")
     rows = {row["method"]: row for row in merged.summary()}
     assert rows["FKL"]["rouge_l"] == 45.0 and rows["FKL"]["num_seeds"] == 2
+    assert rows["RKL"]["num_seeds"] == 1
     assert rows["teacher"]["num_seeds"] == 1
+    assert rows["student after SFT"]["num_seeds"] == 2
+    assert rows["student after SFT"]["rouge_l"] == 20.5
     assert merged.settings["training_seeds"] == [0, 1]
-    assert merged.settings["command"] == ["run 0", "run 1"]
+    assert merged.settings["methods"] == {"FKL": "--FKL", "RKL": "--RKL"}
+    assert merged.settings["command"] == ["run 0 FKL", "run 1 FKL", "run 0 RKL"]
