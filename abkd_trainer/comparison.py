@@ -311,7 +311,8 @@ def compare_divergences(
             steps with the cross-entropy only (``--kd_ratio 0``, same other flags), and every
             method starts from that student; it is scored as "student after SFT".
         sampling_seeds: ROUGE-L sampling seeds (the paper uses 5).
-        work_dir: where the runs' output directories (and the fine-tuned students) go.
+        work_dir: where the runs' output directories and the fine-tuned students go; a student
+            fine-tuned there before with the same flags is reused.
         on_run: called with the comparison so far and each finished run's row (e.g. to print
             progress and write partial results).
 
@@ -348,11 +349,8 @@ def compare_divergences(
         init_dir = None
         if sft_steps > 0:
             init_dir = work_dir / f"sft-seed{seed}"
-            sft_flags = ["--kd_ratio", "0", "--max_steps", str(sft_steps), "--output_dir"]
-            trainer, script_args, inputs = _train(
-                [*task_args, *sft_flags, str(init_dir), *seed_flags, *common], None
-            )
-            trainer.save_model(str(init_dir))
+            sft_flags = ["--kd_ratio", "0", "--max_steps", str(sft_steps)]
+            _fine_tune_once([*task_args, *sft_flags, *seed_flags, *common], init_dir)
         for method in methods:
             run_dir = work_dir / f"{_slug(method.label)}-seed{seed}"
             argv = [*task_args, *method.flags, *seed_flags, "--output_dir", str(run_dir), *common]
@@ -381,6 +379,19 @@ def compare_divergences(
             if on_run is not None:
                 on_run(comparison, row)
     return comparison
+
+
+def _fine_tune_once(argv: list[str], output_dir: Path) -> None:
+    """Fine-tune and save the student, unless ``output_dir`` holds one from the same flags.
+
+    Reusing it lets the methods of one seed run in several calls (e.g. to spread a sweep).
+    """
+    marker = output_dir / "sft_args.json"
+    if marker.is_file() and json.loads(marker.read_text()) == argv:
+        return
+    trainer, _, _ = _train([*argv, "--output_dir", str(output_dir)], None)
+    trainer.save_model(str(output_dir))
+    marker.write_text(json.dumps(argv))
 
 
 def _scorer(

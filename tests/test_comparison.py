@@ -76,6 +76,17 @@ def test_every_method_is_trained_and_scored_from_the_fine_tuned_student(tmp_path
     fkls = [row["fkl_to_teacher"] for row in comparison.runs]
     assert sft_fkl not in fkls and fkls[0] != fkls[1]
 
+    # A second call with the same flags reuses the fine-tuned student (same starting point).
+    weights = tmp_path / "work" / "sft-seed0" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    again = compare_divergences(
+        tiny_task, [METHODS["fkl"]], training_seeds=[0], sft_steps=2, sampling_seeds=[0, 1],
+        work_dir=tmp_path / "work",
+    )  # fmt: skip
+    assert weights.stat().st_mtime_ns == written
+    assert again.reference_rows[1]["fkl_to_teacher"] == pytest.approx(sft_fkl)
+    assert again.runs[0]["fkl_to_teacher"] == pytest.approx(fkls[0])
+
 
 def test_summary_aggregates_over_training_seeds():
     comparison = Comparison(
