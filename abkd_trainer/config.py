@@ -30,12 +30,15 @@ class ABKDConfig(SFTConfig):
         alpha_end, beta_end (`float`, *optional*): when set, alpha / beta move linearly from their
             configured value (reached at the end of the warm-up) to this value over the remaining
             training steps; None keeps them constant.
-        ab_warmup_ratio (`float`, defaults to `0.5`), ab_warmup_steps (`int`, defaults to `0`):
+        ab_warmup_ratio (`float`, *optional*), ab_warmup_steps (`int`, defaults to `0`):
             length of the warm-up of the alpha-beta divergence, as a fraction of the training
             steps or (when > 0, winning) a number of steps: ``(alpha, beta)`` starts at
             ``(ab_warmup_start_alpha, ab_warmup_start_beta)`` and reaches the configured values
-            in a straight line, then holds (or follows ``alpha_end`` / ``beta_end``). Both 0
-            disable it. Ignored for other divergences. See :mod:`abkd_trainer.schedules`.
+            in a straight line, then holds (or follows ``alpha_end`` / ``beta_end`` over the
+            remaining steps). The default ratio, None, means 1.0 (the whole run; measured best on
+            the demo, see docs/collapse-and-warmup.md), or 0 when ``alpha_end`` / ``beta_end``
+            are set. Ratio and steps 0 disable it. Ignored for other divergences. See
+            :mod:`abkd_trainer.schedules`.
         ab_warmup_start_alpha, ab_warmup_start_beta (`float`, default to `1.0`, `0.0`): the
             warm-up's start, forward KL by default.
         ab_warmup_shape (`str`, defaults to `"linear"`): ``"linear"`` or ``"cosine"`` speed along
@@ -93,15 +96,16 @@ class ABKDConfig(SFTConfig):
             "steps. Only for `divergence='ab'`."
         },
     )
-    ab_warmup_ratio: float = field(
-        default=0.5,
+    ab_warmup_ratio: float | None = field(
+        default=None,
         metadata={
             "help": "Warm-up of the alpha-beta divergence: the fraction of the training steps over "
             "which (alpha, beta) moves in a straight line from (`ab_warmup_start_alpha`, "
             "`ab_warmup_start_beta`), forward KL by default, to (`alpha`, `beta`), then holds. It "
             "keeps mode-seeking settings such as (0.2, 0.7) from collapsing a student that does "
-            "not yet overlap the teacher. 0 disables it (with `ab_warmup_steps` 0). Only for "
-            "`divergence='ab'`."
+            "not yet overlap the teacher. None (default): 1.0, the whole run, or 0 when "
+            "`alpha_end` / `beta_end` are set (they then define the path). 0 disables it. Only "
+            "for `divergence='ab'`."
         },
     )
     ab_warmup_steps: int = field(
@@ -247,8 +251,8 @@ class ABKDConfig(SFTConfig):
     def _validate_ab_warmup(self) -> None:
         from abkd_trainer.schedules import WARMUP_SHAPES
 
-        ratio = _require_finite("ab_warmup_ratio", self.ab_warmup_ratio)
-        if not 0.0 <= ratio <= 1.0:
+        ratio = self.ab_warmup_ratio
+        if ratio is not None and not 0.0 <= _require_finite("ab_warmup_ratio", ratio) <= 1.0:
             raise ValueError(
                 f"`ab_warmup_ratio` must be in [0, 1] (a fraction of the training steps), got "
                 f"{ratio}. Use `ab_warmup_steps` for a number of steps, 0 to disable the warm-up."

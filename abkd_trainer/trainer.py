@@ -39,7 +39,7 @@ from abkd_trainer.config import ABKDConfig
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.model_card import add_distillation_section
-from abkd_trainer.schedules import scheduled_alpha_beta
+from abkd_trainer.schedules import effective_warmup_ratio, scheduled_alpha_beta
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -573,8 +573,10 @@ class ABKDTrainer(SFTTrainer):
             for field in ("alpha_end", "beta_end"):
                 if getattr(self.args, field) is not None:
                     settings[field] = getattr(self.args, field)
-            warmup = "ab_warmup_steps" if self.args.ab_warmup_steps > 0 else "ab_warmup_ratio"
-            settings[warmup] = getattr(self.args, warmup)
+            if self.args.ab_warmup_steps > 0:
+                settings["ab_warmup_steps"] = self.args.ab_warmup_steps
+            else:
+                settings["ab_warmup_ratio"] = effective_warmup_ratio(self.args)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),

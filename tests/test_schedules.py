@@ -9,7 +9,9 @@ from testing_utils import build_abkd_trainer, cpu_training_kwargs
 
 from abkd_trainer import ABKDConfig
 from abkd_trainer.schedules import (
+    DEFAULT_WARMUP_RATIO,
     alpha_beta_at_step,
+    effective_warmup_ratio,
     linear_schedule,
     resolve_warmup_steps,
     scheduled_alpha_beta,
@@ -115,12 +117,26 @@ def make_config(tmp_path, **overrides) -> ABKDConfig:
     return ABKDConfig(output_dir=str(tmp_path), **{**cpu_training_kwargs(), **overrides})
 
 
-def test_config_defaults_turn_the_warmup_on(tmp_path):
+def test_config_defaults_warm_up_over_the_whole_run(tmp_path):
     config = make_config(tmp_path)
-    assert config.ab_warmup_ratio > 0 and config.ab_warmup_steps == 0
+    assert config.ab_warmup_ratio is None and config.ab_warmup_steps == 0
+    assert effective_warmup_ratio(config) == DEFAULT_WARMUP_RATIO == 1.0
     assert (config.ab_warmup_start_alpha, config.ab_warmup_start_beta) == (1.0, 0.0)
     assert scheduled_alpha_beta(config, 0, 100) == (1.0, 0.0)
-    assert scheduled_alpha_beta(config, 99, 100) == pytest.approx((0.2, 0.7))
+    assert scheduled_alpha_beta(config, 50, 100) == pytest.approx((0.6, 0.35))
+    assert scheduled_alpha_beta(config, 99, 100) == pytest.approx((0.208, 0.693))
+    assert scheduled_alpha_beta(config, 100, 100) == pytest.approx((0.2, 0.7))
+
+
+def test_an_end_schedule_replaces_the_default_warmup_but_not_an_explicit_one(tmp_path):
+    config = make_config(tmp_path, alpha_end=0.6, beta_end=0.3)
+    assert effective_warmup_ratio(config) == 0.0
+    assert scheduled_alpha_beta(config, 0, 10) == (0.2, 0.7)  # the end schedule's own start
+    assert scheduled_alpha_beta(config, 5, 10) == pytest.approx((0.4, 0.5))
+    explicit = make_config(tmp_path, alpha_end=0.6, beta_end=0.3, ab_warmup_ratio=0.6)
+    assert scheduled_alpha_beta(explicit, 0, 10) == (1.0, 0.0)
+    assert scheduled_alpha_beta(explicit, 6, 10) == pytest.approx((0.2, 0.7))
+    assert scheduled_alpha_beta(explicit, 8, 10) == pytest.approx((0.4, 0.5))
 
 
 def test_config_steps_win_over_ratio_and_zero_disables(tmp_path):
