@@ -125,21 +125,22 @@ class Comparison:
         return rows
 
     def to_markdown(self) -> str:
-        seeds = self.settings.get("training_seeds", [])
+        """The summary as a Markdown table (std, min and max blank for a single run)."""
         lines = [
-            f"| method | ROUGE-L (mean over {len(seeds)} training seeds) | std | min | max | "
+            "| method | runs | ROUGE-L (mean over training seeds) | std | min | max | "
             "forward KL to teacher | reverse KL to teacher |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in self.summary():
-            cells = [row["method"]]
-            for key, digits in (("rouge_l", 2), ("fkl_to_teacher", 4), ("rkl_to_teacher", 4)):
-                if key not in row:
-                    cells += ["", "", "", ""] if key == "rouge_l" else [""]
-                elif key == "rouge_l":
-                    cells += [f"{row[key + suffix]:.2f}" for suffix in ("", "_std", "_min", "_max")]
-                else:
-                    cells.append(f"{row[key]:.{digits}f}")
+            cells = [row["method"], str(row["num_seeds"])]
+            if "rouge_l" in row:
+                suffixes = ("", "_std", "_min", "_max") if row["num_seeds"] > 1 else ("",)
+                cells += [f"{row['rouge_l' + suffix]:.2f}" for suffix in suffixes]
+                cells += [""] * (4 - len(suffixes))
+            else:
+                cells += [""] * 4
+            for key in ("fkl_to_teacher", "rkl_to_teacher"):
+                cells.append(f"{row[key]:.4f}" if key in row else "")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
