@@ -191,9 +191,18 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> None:
         color=["0.6" if row["method"] in _reference_methods(comparison) else "C0" for row in rows],
     )
     axes.set_xticks(list(positions), [row["method"] for row in rows], rotation=30, ha="right")
-    axes.set_ylabel("held-out ROUGE-L (error bar: std over training seeds)")
-    seeds = comparison.settings.get("training_seeds", [])
-    axes.set_title(f"{comparison.settings.get('task', '')} ({len(seeds)} training seeds)")
+    axes.set_ylabel("held-out ROUGE-L")
+    settings = comparison.settings
+    start = (
+        f", student fine-tuned {settings['sft_steps']} steps first"
+        if settings.get("sft_steps")
+        else ""
+    )
+    axes.set_title(
+        f"{settings.get('task', '')}{start}\n{len(settings.get('training_seeds', []))} training "
+        "seeds; error bars: std over training seeds",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
