@@ -26,6 +26,9 @@ from transformers import (
 )
 
 SUPPORTED_ARCHS: tuple[str, ...] = ("qwen2", "llama", "gpt2")
+# Positions of the tiny models: SFTConfig's default `max_length` (1024), which ABKDTrainer checks
+# against every model's position limit.
+TINY_POSITION_LIMIT = 1024
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -115,7 +118,7 @@ def _tiny_config(
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
-            n_positions=512,
+            n_positions=TINY_POSITION_LIMIT,
             n_embd=hidden_size,
             n_layer=num_layers,
             n_head=num_heads,
@@ -130,7 +133,7 @@ def _tiny_config(
         "num_attention_heads": num_heads,
         # Grouped-query attention, as in the real checkpoints, when the head count allows it.
         "num_key_value_heads": max(1, num_heads // 2),
-        "max_position_embeddings": 512,
+        "max_position_embeddings": TINY_POSITION_LIMIT,
         "initializer_range": initializer_range,
         **special_ids,
     }
