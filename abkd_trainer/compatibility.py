@@ -23,12 +23,8 @@ def position_limit(model: nn.Module) -> int | None:
     Learned position tables (GPT-2) fail with an ``IndexError`` beyond it; rotary models run but
     outside the context they were trained for.
     """
-    config = model.config.get_text_config()
-    for name in POSITION_LIMIT_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    limit = _position_limit_and_name(model)
+    return None if limit is None else limit[0]
 
 
 def check_position_limits(
@@ -45,19 +41,26 @@ def check_position_limits(
     if max_length is None:
         return
     for role, model in models.items():
-        limit = position_limit(model)
-        if limit is None or max_length <= limit:
+        limit = _position_limit_and_name(model)
+        if limit is None or max_length <= limit[0]:
             continue
         what = "packed sequence length" if packing else "sequence length"
         raise ValueError(
             f"`max_length={max_length}` (the {what}) exceeds the {role}'s position limit: "
-            f"{type(model).__name__} supports {limit} positions (`{_limit_name(model)}` in its "
-            f"config). Set `max_length` (`--max_length`) to at most {limit}; a sequence beyond it "
-            "would fail at the first long batch (learned position embeddings) or run outside the "
+            f"{type(model).__name__} supports {limit[0]} positions (`{limit[1]}` in its config). "
+            f"Set `max_length` (`--max_length`) to at most {limit[0]}; a sequence beyond it would "
+            "fail at the first long batch (learned position embeddings) or run outside the "
             "context the model was trained for (rotary ones)."
         )
 
 
-def _limit_name(model: nn.Module) -> str:
+def _position_limit_and_name(model: nn.Module) -> tuple[int, str] | None:
+    """``(limit, config attribute)``, the attribute under its own name (GPT-2's ``n_positions``
+    also answers to ``max_position_embeddings`` through ``attribute_map``)."""
     config = model.config.get_text_config()
-    return next(name for name in POSITION_LIMIT_ATTRIBUTES if getattr(config, name, None))
+    aliases = getattr(config, "attribute_map", {}) or {}
+    for name in POSITION_LIMIT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, aliases.get(name, name)
+    return None
