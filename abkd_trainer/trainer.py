@@ -36,6 +36,7 @@ from trl.trainer.utils import (
     maybe_gather_lm_head_ctx,
 )
 
+from abkd_trainer.collapse_guard import CollapseGuardCallback
 from abkd_trainer.compatibility import check_position_limits
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.divergences import get_divergence
@@ -261,6 +262,9 @@ class ABKDTrainer(SFTTrainer):
         }
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        # Warns once if the logged entropies show a collapse (a user-configured one is kept).
+        if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(CollapseGuardCallback())
 
     # ------------------------------------------------------------------ set-up helpers
 
