@@ -108,13 +108,22 @@ def make_parser(prog: str | None = "abkd-train") -> TrlParser:
     from abkd_trainer.config import ABKDConfig
 
     dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
-    return TrlParser(
+    parser = TrlParser(
         dataclass_types,
         prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog="Every flag can also be set in a YAML file given with --config FILE.yaml "
         "(flags on the command line win). With no model and no dataset, the offline demo runs.",
     )
+    # As in the HF example scripts, a bare `--resume_from_checkpoint` means "from the latest
+    # checkpoint in output_dir" (TrainingArguments types it as a path, which needs a value).
+    resume = parser._option_string_actions["--resume_from_checkpoint"]
+    resume.nargs, resume.const = "?", "true"
+    resume.help = (
+        "Continue the run in output_dir: a checkpoint folder, or no value / `true` for the latest "
+        "complete checkpoint (incomplete ones, without trainer_state.json, are skipped)."
+    )
+    return parser
 
 
 def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
@@ -298,10 +307,20 @@ def run(
     from transformers import AutoConfig, AutoTokenizer
     from trl import get_peft_config
 
+    from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
     from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
     from abkd_trainer.report import format_comparison_table, make_report, write_report
     from abkd_trainer.trainer import ABKDTrainer
 
+    # Before anything is loaded: a reused output_dir or a missing checkpoint fails at once.
+    check_output_dir_is_free(
+        training_args.output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite_output_dir=training_args.overwrite_output_dir,
+    )
+    checkpoint = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
@@ -381,7 +400,7 @@ def run(
         trainer.add_callback(rouge_callback)
 
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)  # student, tokenizer and model card README.md
     elapsed = time.perf_counter() - start
 

@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalPrediction, TrainOutput
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
@@ -35,6 +35,7 @@ from trl.trainer.utils import (
     maybe_gather_lm_head_ctx,
 )
 
+from abkd_trainer.checkpoints import prepare_output_dir
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
@@ -567,6 +568,19 @@ class ABKDTrainer(SFTTrainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ training
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> TrainOutput:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints, and
+        starting afresh in an ``output_dir`` that holds an earlier run warns (see
+        :func:`abkd_trainer.checkpoints.prepare_output_dir`)."""
+        resume_from_checkpoint = prepare_output_dir(
+            self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
+        )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving and the Hub
 

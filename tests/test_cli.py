@@ -18,6 +18,7 @@ from testing_utils import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from abkd_trainer.checkpoints import OutputDirInUseError
 from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, make_parser, parse_args
 from abkd_trainer.demo import DEMO_DEFAULTS, DEMO_TEACHER_DIR
 
@@ -306,6 +307,84 @@ def test_the_demo_teacher_beats_a_fresh_student_and_the_run_saves_everything(tmp
     assert AutoTokenizer.from_pretrained(output_dir).get_vocab() == (
         AutoTokenizer.from_pretrained(DEMO_TEACHER_DIR).get_vocab()
     )
+
+
+# ----------------------------------------------------------------------------- output_dir reuse
+
+
+def _short_run_argv(tmp_path, saved_models, output_dir, *extra):
+    if not (tmp_path / "train.jsonl").exists():
+        Dataset.from_list(_rows(8)).to_json(tmp_path / "train.jsonl")
+    return [
+        "--model_name_or_path", str(saved_models["student"]),
+        "--teacher_model_name_or_path", str(saved_models["teacher"]),
+        "--dataset_name", str(tmp_path / "train.jsonl"),
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "2",
+        "--logging_steps", "1", *CPU_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_before_loading(tmp_path, saved_models):
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(tmp_path, saved_models, output_dir, "--max_steps", "1")
+    assert main(argv) == 0
+    saved = (output_dir / "model.safetensors").stat().st_mtime_ns
+
+    with pytest.raises(OutputDirInUseError) as error:
+        main(argv)
+    assert "--resume_from_checkpoint" in str(error.value)
+    assert "--overwrite_output_dir" in str(error.value)
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == saved  # nothing was touched
+
+    assert main([*argv, "--overwrite_output_dir", "true"]) == 0
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns != saved
+
+
+def test_parse_accepts_a_bare_resume_from_checkpoint_flag(tmp_path):
+    base = ["--model_name_or_path", "s", "--teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    base += CPU_FLAGS
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint", "--alpha", "0.5"])
+    assert training_args.resume_from_checkpoint == "true" and training_args.alpha == 0.5
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint"])
+    assert training_args.resume_from_checkpoint == "true"
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint", "run/checkpoint-5"])
+    assert training_args.resume_from_checkpoint == "run/checkpoint-5"
+    _, training_args, _, _, _ = parse_args(base)
+    assert training_args.resume_from_checkpoint is None
+
+
+@pytest.mark.parametrize(
+    "resume_flags", [["--resume_from_checkpoint"], ["--resume_from_checkpoint", "true"]]
+)
+def test_resume_from_the_latest_complete_checkpoint(tmp_path, saved_models, resume_flags):
+    output_dir = tmp_path / "out"
+    first = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "2", "--save_steps", "1",
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+    )  # fmt: skip
+    assert main(first) == 0
+    # Killed while writing checkpoint-2: resuming must skip it and use checkpoint-1.
+    (output_dir / "checkpoint-2" / "trainer_state.json").unlink()
+
+    second = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "3", "--save_steps", "1",
+        "--learning_rate", "2e-3", "--lr_scheduler_type", "constant", *resume_flags,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="incomplete checkpoint .*checkpoint-2"):
+        assert main(second) == 0
+
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    learning_rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"]
+                      if "learning_rate" in entry}  # fmt: skip
+    # Resumed: the optimizer and scheduler come back from checkpoint-1 with the first run's
+    # learning rate, and steps 2-3 are retrained. A fresh start would log 2e-3 at every step.
+    assert learning_rates == {1: 1e-3, 2: 1e-3, 3: 1e-3}
+
+
+def test_resume_without_a_checkpoint_fails_before_loading(tmp_path, saved_models):
+    argv = _short_run_argv(tmp_path, saved_models, tmp_path / "new", "--resume_from_checkpoint")
+    with pytest.raises(ValueError, match="no complete `checkpoint-<step>`"):
+        main(argv)
 
 
 # ----------------------------------------------------------------------------- README
