@@ -309,6 +309,8 @@ def run(
 
     from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
     from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
+    from abkd_trainer.hub import HubUploadError, check_hub_access, upload_failure_message
+    from abkd_trainer.model_card import hub_id
     from abkd_trainer.report import format_comparison_table, make_report, write_report
     from abkd_trainer.trainer import ABKDTrainer
 
@@ -321,6 +323,8 @@ def run(
     checkpoint = resolve_resume_from_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
+    if training_args.push_to_hub and training_args.process_index == 0:
+        check_hub_access(training_args.hub_token)  # now, not after days of training
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
@@ -401,7 +405,12 @@ def run(
 
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(training_args.output_dir)  # student, tokenizer and model card README.md
+    # Student, tokenizer and model card, locally: the upload (if any) comes after the report.
+    trainer.save_model(training_args.output_dir, _internal_call=True)
+    hub_dataset = None if demo else hub_id(script_args.dataset_name)
+    trainer.create_model_card(
+        model_name=Path(training_args.output_dir).name, dataset_name=hub_dataset
+    )
     elapsed = time.perf_counter() - start
 
     report = None
@@ -432,10 +441,21 @@ def run(
     elif trainer.is_world_process_zero():
         print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
 
+    upload_error = None
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=None if demo else script_args.dataset_name)
+        try:
+            trainer.push_to_hub(dataset_name=hub_dataset)
+        except Exception as error:  # network, auth, quota: reported once every rank is done
+            upload_error = error
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish trackers and destroy the process group
+    if upload_error is not None:
+        repo_id = trainer.hub_model_id or training_args.hub_model_id or "<repo_id>"
+        raise HubUploadError(
+            upload_failure_message(
+                upload_error, repo_id, training_args.output_dir, training_args.hub_revision
+            )
+        ) from upload_error
     return report
 
 
@@ -451,9 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "abkd-train: no model or dataset given, running the offline demo "
             f"(output in {os.path.abspath(training_args.output_dir)})."
         )
-    run(script_args, training_args, model_args, mixture_args, demo)
     from abkd_trainer.distributed import finish_distributed_run
+    from abkd_trainer.hub import HubUploadError
 
+    try:
+        run(script_args, training_args, model_args, mixture_args, demo)
+    except HubUploadError as error:  # training, saving and the report succeeded
+        print(f"abkd-train: {error}", file=sys.stderr)
+        return 1
     # The CPU (gloo) DeepSpeed path needs the hard exit described there; GPU runs do not.
     finish_distributed_run(skip_interpreter_teardown=cpu_deepspeed)
     return 0

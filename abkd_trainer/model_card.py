@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 SECTION_TITLE = "## Distillation"
 # TRL's lm_model_card.md template: the section goes in front of the first of these headings.
@@ -12,6 +15,45 @@ _ANCHORS = ("### Framework versions", "## Citations")
 _NO_BASE_MODEL_SENTENCE = (
     "This model is a fine-tuned version of [None](https://huggingface.co/None)"
 )
+
+
+# A snapshot in the Hub cache: .../models--<org>--<name>/snapshots/<revision>.
+_CACHE_SNAPSHOT = re.compile(
+    r"(?:^|[\\/])models--(.+?)--([^\\/]+)[\\/]snapshots[\\/][^\\/]+[\\/]?$"
+)
+
+
+def hub_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub repository ``name_or_path`` refers to, or None for a local path without one.
+
+    A local directory that is a snapshot of the Hub cache gives back its repository id; any
+    other existing path, or a string that cannot be a repository id (an absolute or relative
+    path, a file name such as ``train.jsonl``), gives None.
+    """
+    if not name_or_path:
+        return None
+    text = os.fspath(name_or_path)
+    cached = _CACHE_SNAPSHOT.search(text)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if os.path.exists(text) or Path(text).suffix.lower() in _DATA_SUFFIXES:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def model_display_name(name_or_path: str | os.PathLike) -> str:
+    """A model's Hub id when it has one, else its folder's name (never an absolute path)."""
+    return hub_id(name_or_path) or Path(os.fspath(name_or_path).rstrip("/\\")).name
+
+
+# File suffixes that name data or weights, never a Hub repository.
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".safetensors")
 
 
 def distillation_section(settings: Mapping[str, object]) -> str:

@@ -15,12 +15,15 @@ from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
     build_tiny_tokenizer,
+    hub_no_network,
+    hub_whoami,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abkd_trainer.checkpoints import OutputDirInUseError
 from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, make_parser, parse_args
 from abkd_trainer.demo import DEMO_DEFAULTS, DEMO_TEACHER_DIR
+from abkd_trainer.hub import HubAccessError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Flags every CPU run in these tests needs (SFTConfig defaults to bf16; no trackers, no tqdm).
@@ -385,6 +388,44 @@ def test_resume_without_a_checkpoint_fails_before_loading(tmp_path, saved_models
     argv = _short_run_argv(tmp_path, saved_models, tmp_path / "new", "--resume_from_checkpoint")
     with pytest.raises(ValueError, match="no complete `checkpoint-<step>`"):
         main(argv)
+
+
+# ----------------------------------------------------------------------------- --push_to_hub
+
+
+def test_push_to_hub_without_network_fails_before_training(tmp_path, saved_models, hub_http):
+    hub_http(hub_no_network)
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "1",
+        "--push_to_hub", "true", "--hub_model_id", "acme/student",
+    )  # fmt: skip
+    with pytest.raises(HubAccessError) as error:
+        main(argv)
+    assert "Hugging Face Hub" in str(error.value) and "--push_to_hub" in str(error.value)
+    assert not (output_dir / "model.safetensors").exists()  # nothing was trained
+
+
+def test_a_failed_upload_keeps_the_report_and_says_how_to_retry(
+    tmp_path, saved_models, hub_http, capsys
+):
+    hub_http(hub_whoami("write", create_repo=True))  # the repo exists, then the network drops
+    Dataset.from_list(_rows(3)).to_json(tmp_path / "test.jsonl")
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "2", "--save_strategy", "no",
+        "--dataset_test_file", str(tmp_path / "test.jsonl"),
+        "--rouge_l_eval", "--rouge_l_seeds", "0", "--rouge_l_max_new_tokens", "2",
+        "--push_to_hub", "true", "--hub_model_id", "acme/student",
+    )  # fmt: skip
+
+    assert main(argv) == 1
+
+    for name in ("report.json", "report.md", "loss_curve.png", "model.safetensors", "README.md"):
+        assert (output_dir / name).is_file(), name
+    error = capsys.readouterr().err
+    assert "Name or service not known" in error and "Nothing was lost" in error
+    assert f"hf upload acme/student {output_dir} . --exclude 'checkpoint-*'" in error
 
 
 # ----------------------------------------------------------------------------- README
