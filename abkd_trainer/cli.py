@@ -35,15 +35,6 @@ if TYPE_CHECKING:
 
     from abkd_trainer.config import ABKDConfig
 
-# Local files `--dataset_name` may point at, by suffix, and the `datasets` builder that reads them.
-DATA_FILE_BUILDERS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-
 
 def _script_arguments_class() -> type:
     """Defined lazily so that ``import abkd_trainer.cli`` does not import TRL."""
@@ -208,48 +199,10 @@ def _init_cpu_distributed(use_deepspeed: bool) -> bool:
     return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
 
 
-def load_dataset_from_name(
-    name: str,
-    *,
-    config_name: str | None = None,
-    streaming: bool = False,
-    test_file: str | None = None,
-    test_split: str = "test",
-) -> DatasetDict:
-    """Load ``--dataset_name``: a local data file, a ``save_to_disk`` directory, or a Hub id.
-
-    A single local file becomes the ``train`` split (``test_file``, when given, the
-    ``test_split`` split); a saved ``Dataset`` becomes ``train``; a saved ``DatasetDict`` keeps
-    its splits.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    path = Path(name).expanduser()
-    if path.is_file():
-        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"Cannot read {name!r}: local dataset files must end in "
-                f"{', '.join(sorted(DATA_FILE_BUILDERS))}; or pass a directory saved with "
-                "`save_to_disk`, or a Hub dataset id."
-            )
-        data_files = {"train": str(path)}
-        if test_file is not None:
-            data_files[test_split] = str(Path(test_file).expanduser())
-        return load_dataset(builder, data_files=data_files, streaming=streaming)
-    if test_file is not None:
-        raise ValueError("`dataset_test_file` only applies when `dataset_name` is a local file.")
-    if path.is_dir() and any(
-        (path / marker).is_file() for marker in ("dataset_dict.json", "state.json")
-    ):
-        loaded = load_from_disk(str(path))
-        return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
-    # A Hub id, or a directory of data files that `load_dataset` understands.
-    return load_dataset(name, name=config_name, streaming=streaming)
-
-
 def _load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
     from trl import get_dataset
+
+    from abkd_trainer.data import load_dataset_from_name
 
     if mixture_args.datasets:
         return get_dataset(mixture_args)
@@ -308,6 +261,7 @@ def run(
     from trl import get_peft_config
 
     from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
+    from abkd_trainer.data import check_sft_columns
     from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
     from abkd_trainer.hub import HubUploadError, check_hub_access, upload_failure_message
     from abkd_trainer.model_card import hub_id
@@ -374,6 +328,18 @@ def run(
     test_dataset = (
         _split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
     )
+    # Name the file in errors about its columns (the trainer checks again, without the name).
+    sources = {script_args.dataset_test_split: script_args.dataset_test_file}
+    for split, dataset in (
+        (script_args.dataset_train_split, train_dataset),
+        (script_args.dataset_test_split, test_dataset),
+    ):
+        check_sft_columns(
+            dataset,
+            name=f"The {split!r} split",
+            source=sources.get(split) or dataset_label,
+            dataset_text_field=training_args.dataset_text_field,
+        )
 
     trainer = ABKDTrainer(
         model=model,

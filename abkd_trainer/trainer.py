@@ -37,6 +37,7 @@ from trl.trainer.utils import (
 
 from abkd_trainer.checkpoints import prepare_output_dir
 from abkd_trainer.config import ABKDConfig
+from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.model_card import add_distillation_section
@@ -155,6 +156,7 @@ class ABKDTrainer(SFTTrainer):
                 "or pass its name instead."
             )
 
+        check_sft_datasets(train_dataset, eval_dataset, args, formatting_func)
         super().__init__(
             model,
             args=args,
@@ -169,6 +171,8 @@ class ABKDTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+
+        check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
 
         # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
         # teacher is created sharded (zero.Init) like the student.

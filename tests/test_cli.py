@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
@@ -21,7 +21,7 @@ from testing_utils import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abkd_trainer.checkpoints import OutputDirInUseError
-from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, make_parser, parse_args
+from abkd_trainer.cli import is_demo_run, main, make_parser, parse_args
 from abkd_trainer.demo import DEMO_DEFAULTS, DEMO_TEACHER_DIR
 from abkd_trainer.hub import HubAccessError
 
@@ -160,57 +160,8 @@ def test_python_dash_m_runs_the_cli():
     assert "--teacher_model_name_or_path" in completed.stdout
 
 
-# ----------------------------------------------------------------------------- datasets
-
-
 def _rows(n: int = 4) -> list[dict[str, str]]:
     return build_prompt_completion_dataset(n).to_list()
-
-
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
-def test_a_local_data_file_becomes_the_train_split(tmp_path, suffix):
-    path = tmp_path / f"data{suffix}"
-    dataset = Dataset.from_list(_rows())
-    {
-        ".jsonl": lambda: dataset.to_json(path, lines=True),
-        ".json": lambda: path.write_text(json.dumps(_rows())),
-        ".parquet": lambda: dataset.to_parquet(path),
-        ".csv": lambda: dataset.to_csv(path, index=False),
-    }[suffix]()
-
-    loaded = load_dataset_from_name(str(path))
-
-    assert list(loaded) == ["train"]
-    assert loaded["train"].to_list() == _rows()
-
-
-def test_a_test_file_becomes_the_named_test_split(tmp_path):
-    Dataset.from_list(_rows(4)).to_json(tmp_path / "train.jsonl")
-    Dataset.from_list(_rows(2)).to_json(tmp_path / "dev.jsonl")
-    loaded = load_dataset_from_name(
-        str(tmp_path / "train.jsonl"), test_file=str(tmp_path / "dev.jsonl"), test_split="dev"
-    )
-    assert (loaded["train"].num_rows, loaded["dev"].num_rows) == (4, 2)
-
-
-def test_saved_datasets_directories_load_with_their_splits(tmp_path):
-    DatasetDict(
-        {"train": Dataset.from_list(_rows(4)), "test": Dataset.from_list(_rows(2))}
-    ).save_to_disk(tmp_path / "dict")
-    Dataset.from_list(_rows(3)).save_to_disk(tmp_path / "single")
-
-    loaded = load_dataset_from_name(str(tmp_path / "dict"))
-    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (4, 2)
-    assert load_dataset_from_name(str(tmp_path / "single"))["train"].num_rows == 3
-
-
-def test_unreadable_dataset_arguments_fail_clearly(tmp_path):
-    (tmp_path / "data.txt").write_text("hello")
-    with pytest.raises(ValueError, match="must end in"):
-        load_dataset_from_name(str(tmp_path / "data.txt"))
-    Dataset.from_list(_rows()).save_to_disk(tmp_path / "saved")
-    with pytest.raises(ValueError, match="only applies when `dataset_name` is a local file"):
-        load_dataset_from_name(str(tmp_path / "saved"), test_file="x.jsonl")
 
 
 # ----------------------------------------------------------------------------- short runs
@@ -274,6 +225,18 @@ def test_a_run_without_rouge_l_skips_the_report(tmp_path, saved_models):
     assert main(argv) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_data_file_in_no_sft_format_is_named_before_training(tmp_path, saved_models):
+    Dataset.from_list([{"question": "q", "answer": "a"}] * 4).to_json(tmp_path / "qa.jsonl")
+    argv = [
+        "--model_name_or_path", str(saved_models["student"]),
+        "--teacher_model_name_or_path", str(saved_models["teacher"]),
+        "--dataset_name", str(tmp_path / "qa.jsonl"),
+        "--output_dir", str(tmp_path / "out"), *CPU_FLAGS,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"'train' split \({tmp_path / 'qa.jsonl'}\) .*missing"):
+        main(argv)
 
 
 def test_rouge_l_without_a_test_split_fails_before_training(tmp_path, saved_models):
