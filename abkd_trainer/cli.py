@@ -188,8 +188,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any,
         overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
     if overrides:
         parser.set_defaults_with_config(**overrides)
-    script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+    try:
+        script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise _explain_precision_error(error) from error
     return script_args, training_args, model_args, mixture_args, demo
+
+
+CPU_PRECISION_HINT = (
+    "To run on a CPU, add `--use_cpu true --bf16 false` (fp32 training; SFTConfig and the "
+    "example recipes ask for bf16), and load bfloat16 checkpoints in fp32 with `--dtype float32` "
+    '(student) and `--teacher_model_init_kwargs \'{"dtype": "float32"}\'` (teacher). See '
+    '"On a CPU" in the README.'
+)
+
+
+def _explain_precision_error(error: ValueError) -> ValueError:
+    """TrainingArguments' "doesn't support bf16/gpu", with what to change on a CPU machine."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if "bf16" not in str(error) or is_torch_bf16_gpu_available():
+        return error
+    return ValueError(f"{error}\nabkd-train: no GPU with bf16 support here. {CPU_PRECISION_HINT}")
 
 
 def _init_cpu_distributed(use_deepspeed: bool) -> bool:
@@ -366,6 +386,10 @@ def run(
             evaluate_at_train_boundaries=True,
             evaluate_teacher=True,
             divergences=configured_divergences(training_args),
+            dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
+            if not demo
+            else None,
+            dataset_split=script_args.dataset_test_split,
         )
         trainer.add_callback(rouge_callback)
 

@@ -40,7 +40,7 @@ from abkd_trainer.config import ABKDConfig
 from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
-from abkd_trainer.model_card import add_distillation_section
+from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -599,7 +599,10 @@ class ABKDTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         card_path = Path(self.args.output_dir) / "README.md"
-        settings = {"Teacher": self._teacher_name, "Divergence": self.args.divergence}
+        settings = {
+            "Teacher": hub_id_or_name(self._teacher_name),
+            "Divergence": self.args.divergence,
+        }
         for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
             settings[field] = getattr(self.args, field)
         if self.args.divergence == "ab":
@@ -611,6 +614,12 @@ class ABKDTrainer(SFTTrainer):
             card_path.read_text(encoding="utf-8"),
             settings,
             model_location=self.hub_model_id or str(self.args.output_dir),
+        )
+        card_text = add_rouge_l_results(
+            card_text,
+            self.callback_handler.callbacks,
+            model_name=model_name or Path(self.args.output_dir).name,
+            global_step=self.state.global_step,
         )
         card_path.write_text(card_text, "utf-8")
 

@@ -19,6 +19,7 @@ from testing_utils import (
     hub_whoami,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_torch_bf16_gpu_available
 
 from abkd_trainer.checkpoints import OutputDirInUseError
 from abkd_trainer.cli import is_demo_run, main, make_parser, parse_args
@@ -435,6 +436,31 @@ def test_example_configs_parse_into_the_paper_objective(config_name):
     assert script_args.rouge_l_num_prompts is None
     assert script_args.dataset_name.endswith("train.jsonl")
     assert model_args.model_name_or_path
+
+
+def test_the_gpt2_recipe_uses_the_authors_lr_and_keeps_the_best_rouge_l_checkpoint():
+    config = REPO_ROOT / "examples" / "gpt2-xl_to_gpt2_dolly.yaml"
+    _, training_args, _, _, _ = parse_args(["--config", str(config), *CPU_FLAGS])
+    assert training_args.learning_rate == 5e-4
+    assert training_args.eval_strategy == "epoch" and training_args.save_strategy == "epoch"
+    # Trainer prefixes "eval_": RougeLCallback's eval_rouge_l is what it compares.
+    assert training_args.metric_for_best_model == "rouge_l"
+    assert training_args.greater_is_better and training_args.load_best_model_at_end
+
+
+@pytest.mark.parametrize(
+    "config_name", ["gpt2-xl_to_gpt2_dolly.yaml", "qwen2.5-7b_to_0.5b_zero3.yaml"]
+)
+def test_a_bf16_recipe_on_a_cpu_says_what_to_change(config_name):
+    argv = ["--config", str(REPO_ROOT / "examples" / config_name)]
+    if is_torch_bf16_gpu_available():  # a bf16 GPU: the recipe parses as it is
+        assert parse_args(argv)[1].bf16
+        return
+    with pytest.raises(ValueError) as error:
+        parse_args(argv)
+    message = str(error.value)
+    assert "--use_cpu true --bf16 false" in message and "--dtype float32" in message
+    assert "teacher_model_init_kwargs" in message
 
 
 # ----------------------------------------------------------------------------- launchers
