@@ -280,25 +280,13 @@ def run(
     from transformers import AutoConfig, AutoTokenizer
     from trl import get_peft_config
 
-    from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
     from abkd_trainer.data import check_sft_columns
     from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
-    from abkd_trainer.hub import HubUploadError, check_hub_access, upload_failure_message
     from abkd_trainer.model_card import hub_id
     from abkd_trainer.report import format_comparison_table, make_report, write_report
     from abkd_trainer.trainer import ABKDTrainer
 
-    # Before anything is loaded: a reused output_dir or a missing checkpoint fails at once.
-    check_output_dir_is_free(
-        training_args.output_dir,
-        resume_from_checkpoint=training_args.resume_from_checkpoint,
-        overwrite_output_dir=training_args.overwrite_output_dir,
-    )
-    checkpoint = resolve_resume_from_checkpoint(
-        training_args.resume_from_checkpoint, training_args.output_dir
-    )
-    if training_args.push_to_hub and training_args.process_index == 0:
-        check_hub_access(training_args.hub_token)  # now, not after days of training
+    checkpoint = _check_before_loading(training_args)
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
@@ -431,22 +419,54 @@ def run(
     elif trainer.is_world_process_zero():
         print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
 
+    _push_and_end(trainer, dataset_name=hub_dataset)
+    return report
+
+
+def _check_before_loading(training_args: ABKDConfig) -> str | None:
+    """Checks that fail at once rather than after loading models or training.
+
+    A reused ``output_dir``, a resume without a checkpoint, and (``--push_to_hub``) a Hub that
+    cannot be written to. Returns the checkpoint to resume from, or None.
+    """
+    from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
+    from abkd_trainer.hub import check_hub_access
+
+    check_output_dir_is_free(
+        training_args.output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite_output_dir=training_args.overwrite_output_dir,
+    )
+    checkpoint = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    if training_args.push_to_hub and training_args.process_index == 0:
+        check_hub_access(training_args.hub_token)
+    return checkpoint
+
+
+def _push_and_end(trainer: Any, dataset_name: str | None) -> None:
+    """Upload (``--push_to_hub``) once everything is saved locally, then end the run.
+
+    Raises:
+        HubUploadError: after every rank is done, when the upload failed; the message lists
+            the local files and the command that retries the upload.
+    """
+    from abkd_trainer.hub import HubUploadError, upload_failure_message
+
+    args = trainer.args
     upload_error = None
-    if training_args.push_to_hub:
+    if args.push_to_hub:
         try:
-            trainer.push_to_hub(dataset_name=hub_dataset)
+            trainer.push_to_hub(dataset_name=dataset_name)
         except Exception as error:  # network, auth, quota: reported once every rank is done
             upload_error = error
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish trackers and destroy the process group
     if upload_error is not None:
-        repo_id = trainer.hub_model_id or training_args.hub_model_id or "<repo_id>"
-        raise HubUploadError(
-            upload_failure_message(
-                upload_error, repo_id, training_args.output_dir, training_args.hub_revision
-            )
-        ) from upload_error
-    return report
+        repo_id = trainer.hub_model_id or args.hub_model_id or "<repo_id>"
+        message = upload_failure_message(upload_error, repo_id, args.output_dir, args.hub_revision)
+        raise HubUploadError(message) from upload_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
