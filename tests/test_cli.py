@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
@@ -211,6 +212,12 @@ def test_a_short_run_on_local_files_saves_student_card_and_report(tmp_path, save
     assert report["evaluation"]["num_prompts"] == 3
     assert (output_dir / "report.md").is_file() and (output_dir / "loss_curve.png").is_file()
     assert "student_after" in capsys.readouterr().out  # the comparison table is printed
+    # The card names the local teacher by its folder and carries the evaluation.
+    card = ModelCard.load(output_dir / "README.md")
+    assert "| Teacher | teacher |" in card.text and str(saved_models["teacher"]) not in card.text
+    (result,) = card.data.eval_results
+    assert result.metric_value == pytest.approx(report["student_after"]["rouge_l"], abs=1e-4)
+    assert (result.dataset_name, result.dataset_split) == ("test.jsonl", "test")
 
 
 def test_a_run_without_rouge_l_skips_the_report(tmp_path, saved_models):
