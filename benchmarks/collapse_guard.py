@@ -103,9 +103,21 @@ def run(setting: str, seed: int, max_steps: int, logging_steps: int) -> dict:
         "setting": setting,
         "seed": seed,
         "fired_at_step": guard.fired_at_step,
+        "closest_ratio": closest_ratio(logs),
         "train_seconds": round(seconds, 1),
         "logs": logs,
     }
+
+
+def closest_ratio(logs: list[dict]) -> float | None:
+    """How near the guard came to firing: the smallest ``student_entropy / entropy_bound`` over
+    the train logs after the first (below 1 counts as collapsing); None if agreement was never
+    below ``max_agreement``."""
+    from abkd_trainer.collapse_guard import collapse_diagnosis
+
+    diagnoses = [collapse_diagnosis(log) for log in logs[1:]]
+    ratios = [d.student_entropy / d.entropy_bound for d in diagnoses if d is not None]
+    return round(min(ratios), 2) if ratios else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     )
     print(f"Demo, {options.max_steps} steps, logging every {options.logging_steps}; {machine}")
-    header = "setting      seed  guard fired   last log: H_student  H_teacher  agreement  CE"
+    header = (
+        "setting      seed  guard fired   min H/bound   last log: H_student  H_teacher  "
+        "agreement  CE"
+    )
     print(header)
     for result in results:
         last = result["logs"][-1]
@@ -139,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{result['setting']:<12} {result['seed']:>4}  "
             f"{'step ' + str(fired) if fired is not None else 'no':<12}"
-            f"{last['student_entropy']:>20.3f}{last['teacher_entropy']:>11.3f}"
+            f"{str(result['closest_ratio']):>13}"
+            f"{last['student_entropy']:>22.3f}{last['teacher_entropy']:>11.3f}"
             f"{last['teacher_agreement']:>11.3f}{last['ce_loss']:>6.2f}"
         )
     if options.json:
