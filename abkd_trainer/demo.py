@@ -36,6 +36,7 @@ DEMO_STUDENT_SEED = 0
 # busy CPU cores.
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "abkd-demo-output",
+    "overwrite_output_dir": True,  # each demo run replaces the previous one's output
     "teacher_model_name_or_path": str(DEMO_TEACHER_DIR),
     # The paper's LLM setting. From this random initialisation it collapses onto wrong tokens
     # without the warm-up from forward KL (ab_warmup_ratio, on by default; see
