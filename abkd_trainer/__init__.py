@@ -28,6 +28,10 @@ _LAZY_EXPORTS: dict[str, str] = {
     "ABKDTrainer": "abkd_trainer.trainer",
     "rouge_l_evaluate": "abkd_trainer.evaluation",
     "RougeLCallback": "abkd_trainer.evaluation",
+    "mass_allocation": "abkd_trainer.mass_allocation",
+    "plot_mass_allocation": "abkd_trainer.mass_allocation",
+    "run_sweep": "abkd_trainer.sweep",
+    "SweepArguments": "abkd_trainer.sweep",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
@@ -50,6 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
         fused_linear_divergence,
     )
     from abkd_trainer.evaluation import RougeLCallback, rouge_l_evaluate
+    from abkd_trainer.mass_allocation import mass_allocation, plot_mass_allocation
+    from abkd_trainer.sweep import SweepArguments, run_sweep
     from abkd_trainer.trainer import ABKDTrainer
 
 
