@@ -101,17 +101,24 @@ def _script_arguments_class() -> type:
     return ABKDScriptArguments
 
 
-def make_parser(prog: str | None = "abkd-train") -> TrlParser:
-    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures)."""
+def make_parser(
+    prog: str | None = "abkd-train",
+    extra_dataclass_types: Sequence[type] = (),
+    description: str | None = None,
+) -> TrlParser:
+    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures).
+
+    ``extra_dataclass_types`` are parsed after those four (``abkd-sweep`` adds its own).
+    """
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
     from abkd_trainer.config import ABKDConfig
 
     dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
     return TrlParser(
-        dataclass_types,
+        (*dataclass_types, *extra_dataclass_types),
         prog=prog,
-        description=__doc__.split("\n\n")[0],
+        description=description or __doc__.split("\n\n")[0],
         epilog="Every flag can also be set in a YAML file given with --config FILE.yaml "
         "(flags on the command line win). With no model and no dataset, the offline demo runs.",
     )
@@ -167,20 +174,30 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     return False
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any, Any, bool]:
+def parse_args(
+    argv: Sequence[str] | None = None,
+    *,
+    parser: TrlParser | None = None,
+    defaults: dict[str, Any] | None = None,
+    demo_defaults: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:
     """Parse ``argv`` (default ``sys.argv[1:]``) into (script, training, model, mixture, is_demo).
 
-    Precedence, lowest first: dataclass defaults, demo defaults (demo mode only), the
-    ``--config`` YAML file, the command line.
+    Precedence, lowest first: dataclass defaults, ``defaults``, demo defaults (demo mode only;
+    ``demo_defaults`` replaces :data:`~abkd_trainer.demo.DEMO_DEFAULTS`), the ``--config`` YAML
+    file, the command line. A ``parser`` from ``make_parser(extra_dataclass_types=...)`` adds
+    its extra dataclasses to the tuple, before ``is_demo``.
     """
     from abkd_trainer.demo import DEMO_DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     demo = is_demo_run(argv)
-    parser = make_parser()
+    parser = parser or make_parser()
     # `--help` shows the real defaults, not the demo's.
     wants_help = any(token in ("-h", "--help") for token in argv)
-    overrides: dict[str, Any] = dict(DEMO_DEFAULTS) if demo and not wants_help else {}
+    overrides: dict[str, Any] = dict(defaults or {}) if not wants_help else {}
+    if demo and not wants_help:
+        overrides.update(DEMO_DEFAULTS if demo_defaults is None else demo_defaults)
     deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
     if _init_cpu_distributed(deepspeed is not None):
         from abkd_trainer.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
@@ -188,8 +205,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any,
         overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
     if overrides:
         parser.set_defaults_with_config(**overrides)
-    script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
-    return script_args, training_args, model_args, mixture_args, demo
+    return (*parser.parse_args_and_config(argv), demo)
 
 
 def _init_cpu_distributed(use_deepspeed: bool) -> bool:
