@@ -384,6 +384,29 @@ def _reference_points_in_space(sweep_args: SweepArguments) -> list[dict[str, flo
     ]
 
 
+def open_storage(url: str | None, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """The study storage: in memory for ``None``, else an RDB storage for ``url``.
+
+    Workers that start together on a new database race to create its tables (one of them gets
+    an ``IntegrityError``), so opening is retried. SQLite waits up to a minute for a lock instead
+    of failing with "database is locked" while another worker writes.
+    """
+    optuna = _import_optuna()
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def create_or_load_study(
     sweep_args: SweepArguments,
     direction: str,
@@ -394,11 +417,11 @@ def create_or_load_study(
     """Create the study (enqueueing the reference points) or join an existing one.
 
     Returns:
-        ``(study, storage)``: ``storage`` is the URL, or the in-memory storage object that
-        ``hyperparameter_search`` must be given to find the same study.
+        ``(study, storage)``: the storage object that ``hyperparameter_search`` must be given to
+        find the same study.
     """
     optuna = _import_optuna()
-    storage = sweep_args.storage or optuna.storages.InMemoryStorage()
+    storage = open_storage(sweep_args.storage)
     try:
         # Creation is atomic in a database: exactly one worker creates the study and enqueues.
         study = optuna.create_study(
