@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import enum
+import functools
 import math
 import os
 import socket
@@ -109,7 +110,8 @@ class SweepArguments:
     n_trials: int = field(
         default=16,
         metadata={
-            "help": "Trials of the study in total, shared by all workers of one --storage study."
+            "help": "Trials of the study in total, shared by all workers of one --storage study "
+            "(the demo sweep defaults to 12)."
         },
     )
     storage: str | None = field(
@@ -579,17 +581,9 @@ def run_sweep(
     """
     from abkd_trainer.trainer import ABKDTrainer
 
-    optuna = _import_optuna()
+    _import_optuna()
     _check_single_process(args)
-    metric = sweep_args.objective_metric or (
-        ROUGE_L_METRIC if rouge_prompts else REFERENCE_KL_METRIC
-    )
-    if metric == ROUGE_L_METRIC and not rouge_prompts:
-        raise ValueError(
-            "The objective eval_rouge_l needs test prompts and references (a test split with "
-            "prompt/completion or messages columns); choose another --objective_metric."
-        )
-    direction = sweep_args.direction or infer_direction(metric)
+    metric, direction = choose_objective(sweep_args, has_rouge_prompts=bool(rouge_prompts))
     model_init = make_model_init(student, args, peft_config)
     trainer = ABKDTrainer(
         model=model_init(),
@@ -605,19 +599,6 @@ def run_sweep(
     pruner = pruner or make_pruner(sweep_args)
     study, storage = create_or_load_study(sweep_args, direction, sampler=sampler, pruner=pruner)
     running: dict[str, Any] = {"trial": None}
-
-    def on_trial(trial: optuna.Trial) -> None:
-        running["trial"] = trial
-        claim_trial(trial, sweep_args.n_trials)
-
-    def compute_objective(metrics: dict[str, float]) -> float:
-        if metric not in metrics:
-            raise KeyError(
-                f"The objective {metric!r} is not among the evaluation metrics "
-                f"{sorted(metrics)}; choose one of them with --objective_metric."
-            )
-        return metrics[metric]
-
     trainer.add_callback(
         SweepObjectiveCallback(
             trainer,
@@ -631,25 +612,16 @@ def run_sweep(
         f"abkd-sweep: objective {metric} ({direction}), {sweep_args.n_trials} trials in study "
         f"{sweep_args.study_name!r}."
     )
+    search_kwargs = {
+        "compute_objective": functools.partial(_objective_value, metric),
+        "direction": direction,
+        "study_name": sweep_args.study_name,
+        "storage": storage,
+        "sampler": sampler,
+        "pruner": pruner,
+    }
     while len(counted_trials(study)) < sweep_args.n_trials:
-        try:
-            trainer.hyperparameter_search(
-                hp_space=make_hp_space(sweep_args, on_trial),
-                compute_objective=compute_objective,
-                n_trials=1,
-                direction=direction,
-                backend="optuna",
-                study_name=sweep_args.study_name,
-                storage=storage,
-                sampler=sampler,
-                pruner=pruner,
-                load_if_exists=True,
-            )
-        except ValueError:
-            # run_hp_search_optuna reads study.best_trial, which fails while no trial of the study
-            # has completed (this worker's trial was pruned or over budget). Anything else raises.
-            if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()):
-                raise
+        _run_one_trial(trainer, study, sweep_args, running, search_kwargs)
         if sweep_args.sampler == "grid" and _grid_exhausted(study, sweep_args):
             break
     running["trial"] = None
@@ -664,6 +636,61 @@ def run_sweep(
         best_value=best.value if best else None,
         files=files,
     )
+
+
+def choose_objective(sweep_args: SweepArguments, has_rouge_prompts: bool) -> tuple[str, str]:
+    """``(metric, direction)``: ``--objective_metric`` or the default described above."""
+    metric = sweep_args.objective_metric or (
+        ROUGE_L_METRIC if has_rouge_prompts else REFERENCE_KL_METRIC
+    )
+    if metric == ROUGE_L_METRIC and not has_rouge_prompts:
+        raise ValueError(
+            "The objective eval_rouge_l needs test prompts and references (a test split with "
+            "prompt/completion or messages columns); choose another --objective_metric."
+        )
+    return metric, sweep_args.direction or infer_direction(metric)
+
+
+def _objective_value(metric: str, metrics: dict[str, float]) -> float:
+    if metric not in metrics:
+        raise KeyError(
+            f"The objective {metric!r} is not among the evaluation metrics {sorted(metrics)}; "
+            "choose one of them with --objective_metric."
+        )
+    return metrics[metric]
+
+
+def _run_one_trial(
+    trainer: ABKDTrainer,
+    study: optuna.Study,
+    sweep_args: SweepArguments,
+    running: dict[str, Any],
+    search_kwargs: dict[str, Any],
+) -> None:
+    """One trial through ``Trainer.hyperparameter_search``; ``running["trial"]`` is set to it."""
+    optuna = _import_optuna()
+
+    def on_trial(trial: optuna.Trial) -> None:
+        running["trial"] = trial
+        claim_trial(trial, sweep_args.n_trials)
+
+    running["trial"] = None
+    try:
+        trainer.hyperparameter_search(
+            hp_space=make_hp_space(sweep_args, on_trial),
+            n_trials=1,
+            backend="optuna",
+            load_if_exists=True,
+            **search_kwargs,
+        )
+    except ValueError:
+        # run_hp_search_optuna reads study.best_trial at the end, which raises while no trial of
+        # the study has completed: fine when this worker's trial was pruned (or over budget).
+        # Any other ValueError, e.g. from a failed trial, propagates.
+        trial = running["trial"]
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        if trial is None or states.get(trial.number) != optuna.trial.TrialState.PRUNED:
+            raise
 
 
 def _grid_exhausted(study: optuna.Study, sweep_args: SweepArguments) -> bool:
@@ -724,64 +751,69 @@ def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _draw_completed_trials(
+    figure: Any, axis: Any, complete: list[dict[str, Any]], metric: str, direction: str
+) -> None:
+    """Interpolated surface, coloured points with their values, colour bar, best trial."""
+    from matplotlib.tri import Triangulation
+
+    cmap = "viridis" if direction == "maximize" else "viridis_r"
+    alphas = [row["alpha"] for row in complete]
+    betas = [row["beta"] for row in complete]
+    values = [row["value"] for row in complete]
+    if len(complete) >= 3:
+        try:
+            surface = axis.tricontourf(
+                Triangulation(alphas, betas), values, levels=14, cmap=cmap, alpha=0.85
+            )
+        except (ValueError, RuntimeError):  # all points on one line: no triangulation
+            surface = None
+    else:
+        surface = None
+    points = axis.scatter(alphas, betas, c=values, cmap=cmap, edgecolors="black", s=55, zorder=3)
+    for alpha, beta, value in zip(alphas, betas, values, strict=True):
+        axis.annotate(
+            f"{value:.3g}",
+            (alpha, beta),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=7,
+            zorder=6,
+        )
+    colorbar = figure.colorbar(surface or points, ax=axis)
+    colorbar.set_label(f"{metric} ({'higher' if direction == 'maximize' else 'lower'} is better)")
+    best = (max if direction == "maximize" else min)(complete, key=lambda row: row["value"])
+    axis.scatter(
+        [best["alpha"]],
+        [best["beta"]],
+        marker="*",
+        s=380,
+        color="gold",
+        edgecolors="black",
+        zorder=5,
+        label=f"best ({best['alpha']:.2f}, {best['beta']:.2f}): {best['value']:.4g}",
+    )
+
+
 def draw_heatmap(
     rows: list[dict[str, Any]], metric: str, direction: str, path: Path, title: str = ""
 ) -> Path:
     """The objective over the (alpha, beta) plane, reference points and the best trial marked.
 
     Completed trials are coloured by their final value and, with three or more not on one line,
-    interpolated linearly over their triangulation; pruned trials are grey crosses.
+    interpolated linearly over their triangulation; pruned trials are grey crosses with their
+    last reported value and its step (not comparable with final values).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.tri import Triangulation
 
     complete = [row for row in rows if row["state"] == "COMPLETE" and row["value"] is not None]
     pruned = [row for row in rows if row["state"] == "PRUNED"]
     figure, axis = plt.subplots(figsize=(10, 6))
-    cmap = "viridis" if direction == "maximize" else "viridis_r"
     if complete:
-        alphas = [row["alpha"] for row in complete]
-        betas = [row["beta"] for row in complete]
-        values = [row["value"] for row in complete]
-        if len(complete) >= 3:
-            try:
-                surface = axis.tricontourf(
-                    Triangulation(alphas, betas), values, levels=14, cmap=cmap, alpha=0.85
-                )
-            except (ValueError, RuntimeError):  # all points on one line: no triangulation
-                surface = None
-        else:
-            surface = None
-        points = axis.scatter(
-            alphas, betas, c=values, cmap=cmap, edgecolors="black", s=55, zorder=3
-        )
-        for alpha, beta, value in zip(alphas, betas, values, strict=True):
-            axis.annotate(
-                f"{value:.3g}",
-                (alpha, beta),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=7,
-                zorder=6,
-            )
-        colorbar = figure.colorbar(surface or points, ax=axis)
-        colorbar.set_label(
-            f"{metric} ({'higher' if direction == 'maximize' else 'lower'} is better)"
-        )
-        best = (max if direction == "maximize" else min)(complete, key=lambda row: row["value"])
-        axis.scatter(
-            [best["alpha"]],
-            [best["beta"]],
-            marker="*",
-            s=380,
-            color="gold",
-            edgecolors="black",
-            zorder=5,
-            label=f"best ({best['alpha']:.2f}, {best['beta']:.2f}): {best['value']:.4g}",
-        )
+        _draw_completed_trials(figure, axis, complete, metric, direction)
     if pruned:
         axis.scatter(
             [row["alpha"] for row in pruned],
@@ -790,8 +822,18 @@ def draw_heatmap(
             color="grey",
             s=45,
             zorder=4,
-            label="pruned",
+            label="pruned (last value @ step)",
         )
+        for row in pruned:
+            if row["last_reported_value"] is not None:
+                axis.annotate(
+                    f"{row['last_reported_value']:.3g}@{row['last_reported_step']}",
+                    (row["alpha"], row["beta"]),
+                    textcoords="offset points",
+                    xytext=(5, -9),
+                    fontsize=6,
+                    color="grey",
+                )
     for index, (name, (alpha, beta)) in enumerate(REFERENCE_POINTS.items()):
         axis.scatter(
             [alpha],
