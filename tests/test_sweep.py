@@ -229,3 +229,57 @@ def test_two_workers_on_one_sqlite_study_run_six_trials_together_each_once(tmp_p
     assert len({t.number for t in counted}) == 6
     assert len({t.user_attrs["worker"] for t in counted}) == 2  # both workers took trials
     assert len(_read_csv(tmp_path / "out" / "trials.csv")) == 6
+
+
+def _tiny_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"), max_steps=2, eval_strategy="steps", eval_steps=2,
+        per_device_train_batch_size=4, save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, disable_tqdm=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    return ABKDConfig(**settings)
+
+
+def test_a_grid_sweep_stops_when_the_grid_is_done(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("llama", tokenizer)
+    sweep_args = SweepArguments(n_trials=5, sampler="grid", grid_alpha=[0.5, 1.0], grid_beta=[0.0])
+
+    result = run_sweep(
+        lambda: student.__class__(student.config),
+        teacher,
+        _tiny_args(tmp_path),
+        sweep_args,
+        build_text_dataset(8),
+        build_text_dataset(4),
+        tokenizer,
+    )
+
+    assert sorted(t.params["alpha"] for t in result.study.trials) == [0.5, 1.0]
+    assert {t.params["beta"] for t in result.study.trials} == {0.0}
+    assert len(_read_csv(tmp_path / "out" / "trials.csv")) == 2
+
+
+def test_a_failing_trial_stops_the_sweep_with_its_error(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("llama", tokenizer)
+    calls = []
+
+    def student_factory():
+        calls.append(1)
+        if len(calls) > 1:  # the trainer's own copy builds; the first trial's fails
+            raise ValueError("cannot build the student")
+        return student.__class__(student.config)
+
+    with pytest.raises(ValueError, match="cannot build the student"):
+        run_sweep(
+            student_factory,
+            teacher,
+            _tiny_args(tmp_path),
+            SweepArguments(n_trials=3),
+            build_text_dataset(8),
+            build_text_dataset(4),
+            tokenizer,
+        )
+    assert len(calls) == 2  # no further trial was started
