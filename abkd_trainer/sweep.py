@@ -38,8 +38,9 @@ glue around it, each because the integration has no hook for it:
 * the study is created here first (so that its first worker, alone, enqueues the reference
   points: forward KL, reverse KL and the paper's settings) and read back for the outputs, since
   ``hyperparameter_search`` returns only the best run;
-* ``SweepObjectiveCallback`` adds ``eval_rouge_l`` and ``eval_reference_kl`` to the metrics of
-  every evaluation (``on_evaluate`` receives the dict that the Trainer then reports).
+* ``SweepMetricsCallback`` adds ``eval_reference_kl`` to the metrics of every evaluation
+  (``on_evaluate`` receives the dict that the Trainer then reports; ``RougeLCallback`` adds
+  ``eval_rouge_l`` the same way).
 """
 
 from __future__ import annotations
@@ -258,58 +259,34 @@ def reference_kl(trainer: ABKDTrainer) -> float:
     return total / max(count, 1)
 
 
-class SweepObjectiveCallback(TrainerCallback):
-    """Adds ``eval_rouge_l`` and ``eval_reference_kl`` to every evaluation's metrics.
+class SweepMetricsCallback(TrainerCallback):
+    """Adds ``eval_reference_kl`` to every evaluation's metrics and records them on the trial.
 
     ``Trainer.evaluate`` hands its metrics dict to ``on_evaluate`` and then reports that same
-    dict to the hyperparameter search (``Trainer._report_to_hp_search``), so the values added
-    here reach the trial and its pruner. They are also logged, and stored on the current trial
-    as user attributes for ``trials.csv``.
+    dict to the hyperparameter search (``Trainer._report_to_hp_search``), so a value added here
+    reaches the trial and its pruner (``RougeLCallback`` adds ``eval_rouge_l`` the same way; add
+    it first). Every numeric metric is stored on the running trial as a user attribute, for
+    ``trials.csv``.
 
     Args:
         trainer: the sweep's trainer.
-        prompts, references: test prompts and references for ROUGE-L; None skips ROUGE-L.
-        rouge_kwargs: ``seeds``, ``max_new_tokens``, ``batch_size`` of ``rouge_l_evaluate``.
         current_trial: returns the running Optuna trial (or None).
     """
 
-    def __init__(
-        self,
-        trainer: ABKDTrainer,
-        prompts: Sequence[Any] | None,
-        references: Sequence[Any] | None,
-        rouge_kwargs: dict[str, Any],
-        current_trial: Callable[[], Any],
-    ) -> None:
+    def __init__(self, trainer: ABKDTrainer, current_trial: Callable[[], Any]) -> None:
         self.trainer = trainer
-        self.prompts, self.references = prompts, references
-        self.rouge_kwargs = rouge_kwargs
         self.current_trial = current_trial
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        from abkd_trainer.evaluation import _preserved_rng_state, rouge_l_evaluate
-
-        extra = {REFERENCE_KL_METRIC: reference_kl(self.trainer)}
-        if self.prompts:
-            with _preserved_rng_state():  # sampling must not change the trial's data order
-                result = rouge_l_evaluate(
-                    self.trainer.model_wrapped,
-                    self.trainer.processing_class,
-                    self.prompts,
-                    self.references,
-                    accelerator=self.trainer.accelerator,
-                    **self.rouge_kwargs,
-                )
-            extra[ROUGE_L_METRIC] = result.rouge_l
+        value = reference_kl(self.trainer)
         if metrics is not None:
-            metrics.update(extra)
-        self.trainer.log(dict(extra))
+            metrics[REFERENCE_KL_METRIC] = value
+        self.trainer.log({REFERENCE_KL_METRIC: value})
         trial = self.current_trial()
-        if trial is not None and hasattr(trial, "set_user_attr"):
-            for name, value in {**(metrics or {}), **extra}.items():
-                if isinstance(value, (int, float)):
-                    trial.set_user_attr(name, float(value))
-            trial.set_user_attr("last_step", state.global_step)
+        if trial is not None:
+            for name, metric in {**(metrics or {}), REFERENCE_KL_METRIC: value}.items():
+                if isinstance(metric, (int, float)):
+                    trial.set_user_attr(name, float(metric))
 
 
 # ----------------------------------------------------------------------------- the study
@@ -574,11 +551,13 @@ def run_sweep(
         peft_config: LoRA configuration of the student, re-applied per trial.
         rouge_prompts, rouge_references: test prompts and references; when given, every
             evaluation also scores ``eval_rouge_l`` (the default objective).
-        rouge_kwargs: ``seeds``, ``max_new_tokens``, ``batch_size`` for ``rouge_l_evaluate``.
+        rouge_kwargs: keyword arguments of ``RougeLCallback`` (``seeds``, ``max_new_tokens``,
+            ``batch_size``).
         best_config: the ``abkd-train`` settings the sweep ran with (flag -> value); ``best.yaml``
             is this mapping with the best trial's parameters.
         sampler, pruner: Optuna objects replacing the ones ``sweep_args`` describes.
     """
+    from abkd_trainer.evaluation import RougeLCallback
     from abkd_trainer.trainer import ABKDTrainer
 
     _import_optuna()
@@ -599,15 +578,11 @@ def run_sweep(
     pruner = pruner or make_pruner(sweep_args)
     study, storage = create_or_load_study(sweep_args, direction, sampler=sampler, pruner=pruner)
     running: dict[str, Any] = {"trial": None}
-    trainer.add_callback(
-        SweepObjectiveCallback(
-            trainer,
-            rouge_prompts,
-            rouge_references,
-            rouge_kwargs or {},
-            current_trial=lambda: running["trial"],
+    if rouge_prompts:
+        trainer.add_callback(
+            RougeLCallback(trainer, rouge_prompts, rouge_references, **(rouge_kwargs or {}))
         )
-    )
+    trainer.add_callback(SweepMetricsCallback(trainer, current_trial=lambda: running["trial"]))
     print(
         f"abkd-sweep: objective {metric} ({direction}), {sweep_args.n_trials} trials in study "
         f"{sweep_args.study_name!r}."

@@ -92,6 +92,7 @@ def test_a_three_trial_sweep_writes_its_outputs_and_best_yaml_runs_in_abkd_train
         assert row["state"] == "COMPLETE" and row["metric"] == "eval_rouge_l"
         assert 0.0 <= float(row["value"]) <= 100.0 and float(row["seconds"]) > 0
         assert row["last_reported_step"] == "4" and float(row[REFERENCE_KL_METRIC]) > 0
+        assert row["eval_rouge_l"] == row["value"]  # the final evaluation is the objective
     assert (output_dir / "heatmap.png").stat().st_size > 20_000
 
     best_path = output_dir / "best.yaml"
