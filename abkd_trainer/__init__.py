@@ -32,11 +32,13 @@ _LAZY_EXPORTS: dict[str, str] = {
     "plot_mass_allocation": "abkd_trainer.mass_allocation",
     "run_sweep": "abkd_trainer.sweep",
     "SweepArguments": "abkd_trainer.sweep",
+    "CollapseGuardCallback": "abkd_trainer.collapse_guard",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from abkd_trainer.collapse_guard import CollapseGuardCallback
     from abkd_trainer.config import ABKDConfig
     from abkd_trainer.divergences import (
         DIVERGENCE_NAMES,
