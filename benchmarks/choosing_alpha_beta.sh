@@ -6,7 +6,7 @@
 # 2. A demo student distilled for 300 steps with forward KL (`abkd-train`), so that it overlaps
 #    the teacher as a fine-tuned student would, then the mass-allocation picture of AB at the
 #    paper's GPT-2 and vision settings next to forward and reverse KL on the demo's test split.
-# 3. Both PNGs copied to docs/images/.
+# 3. Both PNGs, trials.csv and mass_allocation.json copied to docs/images/.
 #
 #   benchmarks/choosing_alpha_beta.sh                 # uses .venv/bin/python, or $PYTHON
 #   OUT=/tmp/cab benchmarks/choosing_alpha_beta.sh
@@ -30,5 +30,7 @@ echo "choosing_alpha_beta: demo sweep wall time $(( $(date +%s) - start )) s," \
 
 mkdir -p docs/images
 cp "$OUT/sweep/heatmap.png" docs/images/demo_sweep_heatmap.png
+cp "$OUT/sweep/trials.csv" docs/images/demo_sweep_trials.csv
 cp "$OUT/allocation/mass_allocation.png" docs/images/demo_mass_allocation.png
+cp "$OUT/allocation/mass_allocation.json" docs/images/demo_mass_allocation.json
 echo "choosing_alpha_beta: figures in docs/images/, numbers in $OUT/"
