@@ -3,8 +3,9 @@
 Every trial is a short distillation from the same student initialisation (``set_seed(seed)``
 before the student is built) with the same data order; the teacher is loaded once. The sampler
 is Optuna's TPE (``--sampler grid`` walks a grid), and Optuna's median pruner stops trials whose
-intermediate evaluations fall below the median of earlier trials at the same step. The objective
-is any metric of ``Trainer.evaluate``; by default
+intermediate evaluations fall below the median of earlier trials at the same step (never at the
+final evaluation: a finished trial keeps its result). The objective is any metric of
+``Trainer.evaluate``; by default
 
 * ``eval_rouge_l`` (maximised), the ROUGE-L of sampled responses on the test split, when the
   test split has prompts and references (``prompt``/``completion`` or ``messages``);
@@ -82,6 +83,7 @@ REFERENCE_KL_METRIC = "eval_reference_kl"
 # Metrics that are better when larger; every other metric is minimised unless --direction says.
 _MAXIMISED_METRICS = ("rouge", "agreement", "accuracy", "bleu", "f1")
 _OVER_BUDGET_ATTR = "over_budget"
+_MAX_STEPS_ATTR = "max_steps"
 
 # Defaults that differ from abkd-train's in every sweep: intermediate evaluations for the pruner,
 # no checkpoints (a trial's model is thrown away).
@@ -262,6 +264,8 @@ def reference_kl(trainer: ABKDTrainer) -> float:
 class SweepMetricsCallback(TrainerCallback):
     """Adds ``eval_reference_kl`` to every evaluation's metrics and records them on the trial.
 
+    It also records the trial's number of training steps (for :func:`spare_final_evaluation`).
+
     ``Trainer.evaluate`` hands its metrics dict to ``on_evaluate`` and then reports that same
     dict to the hyperparameter search (``Trainer._report_to_hp_search``), so a value added here
     reaches the trial and its pruner (``RougeLCallback`` adds ``eval_rouge_l`` the same way; add
@@ -276,6 +280,11 @@ class SweepMetricsCallback(TrainerCallback):
     def __init__(self, trainer: ABKDTrainer, current_trial: Callable[[], Any]) -> None:
         self.trainer = trainer
         self.current_trial = current_trial
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trial = self.current_trial()
+        if trial is not None:  # for spare_final_evaluation
+            trial.set_user_attr(_MAX_STEPS_ATTR, state.max_steps)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = reference_kl(self.trainer)
@@ -329,6 +338,25 @@ def make_pruner(sweep_args: SweepArguments) -> optuna.pruners.BasePruner:
         n_startup_trials=sweep_args.pruner_startup_trials,
         n_warmup_steps=sweep_args.pruner_warmup_steps,
     )
+
+
+def spare_final_evaluation(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    """``pruner``, except at a trial's last training step.
+
+    The Trainer reports the final evaluation too, and a plain median pruner would discard a
+    trial that has already finished (its value lost, though its cost was paid). The last step
+    is the trial's user attribute ``max_steps``, set by :class:`SweepMetricsCallback`.
+    """
+    optuna = _import_optuna()
+
+    class SpareFinalEvaluation(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            max_steps = trial.user_attrs.get(_MAX_STEPS_ATTR)
+            if max_steps is not None and (trial.last_step or 0) >= max_steps:
+                return False
+            return pruner.prune(study, trial)
+
+    return SpareFinalEvaluation()
 
 
 def make_hp_space(
@@ -575,7 +603,7 @@ def run_sweep(
     trainer.model_init = model_init  # read by Trainer.train(trial=...) to rebuild the student
 
     sampler = sampler or make_sampler(sweep_args, seed=args.seed)
-    pruner = pruner or make_pruner(sweep_args)
+    pruner = spare_final_evaluation(pruner or make_pruner(sweep_args))
     study, storage = create_or_load_study(sweep_args, direction, sampler=sampler, pruner=pruner)
     running: dict[str, Any] = {"trial": None}
     if rouge_prompts:

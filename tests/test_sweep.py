@@ -30,6 +30,7 @@ from abkd_trainer.sweep import (
     infer_direction,
     main,
     run_sweep,
+    spare_final_evaluation,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -284,3 +285,17 @@ def test_a_failing_trial_stops_the_sweep_with_its_error(tmp_path):
             tokenizer,
         )
     assert len(calls) == 2  # no further trial was started
+
+
+def test_the_final_evaluation_never_prunes_a_finished_trial():
+    median = optuna.pruners.MedianPruner(n_startup_trials=1)
+    study = optuna.create_study(direction="minimize", pruner=spare_final_evaluation(median))
+    finished = study.ask()
+    finished.report(1.0, step=6)
+    study.tell(finished, 1.0)
+    worse = study.ask()
+    worse.report(5.0, step=6)
+    assert median.prune(study, study._storage.get_trial(worse._trial_id))  # plain: pruned
+    assert worse.should_prune()  # no max_steps recorded: the median pruner decides
+    worse.set_user_attr("max_steps", 6)
+    assert not worse.should_prune()  # step 6 is this trial's last: its result is kept
