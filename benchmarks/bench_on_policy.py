@@ -30,7 +30,7 @@ Examples::
 
     python benchmarks/bench_on_policy.py quality --steps 300 --output on_policy_quality.jsonl
     python benchmarks/bench_on_policy.py cost --steps 40
-    python benchmarks/bench_on_policy.py quality --steps 4 --sft-steps 4 --ab 0.8,0.3 --quick
+    python benchmarks/bench_on_policy.py table on_policy_quality.jsonl on_policy_cost.jsonl
 """
 
 from __future__ import annotations
@@ -236,6 +236,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     fractions = [log["on_policy_fraction"] for log in history if "on_policy_fraction" in log]
     if fractions:
         result["mean_on_policy_fraction"] = statistics.fmean(fractions)
+    # Sampled completion length: ours logs `completion_length`, TRL `completions/mean_length`.
+    lengths = [
+        log.get("completion_length", log.get("completions/mean_length"))
+        for log in history
+        if "completion_length" in log or "completions/mean_length" in log
+    ]
+    if lengths:
+        result["mean_completion_length"] = statistics.fmean(lengths)
     probabilities = [
         log["on_policy_probability"] for log in history if "on_policy_probability" in log
     ]
@@ -355,6 +363,51 @@ def cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def markdown_tables(results: list[dict[str, Any]]) -> str:
+    """The README tables of ``quality`` and ``cost`` results (JSON lines of this script)."""
+    lines = []
+    quality_rows = [r for r in results if r.get("trainer") in ("abkd", "sft") and "rouge_l" in r]
+    if quality_rows:
+        lines += [
+            "| start | (alpha, beta) | completions | budget | steps | train s | s / step "
+            "| ROUGE-L | +/- (sampling seeds) | student-sampled share |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in quality_rows:
+            if r["trainer"] == "sft":
+                label = ("random", "-", "dataset (SFT, cross-entropy)", "-")
+            else:
+                label = (r["init"], f"({r['alpha']}, {r['beta']})", r["source"], r["budget"])
+            share = r.get("mean_on_policy_fraction")
+            if "final_on_policy_probability" in r:
+                share = f"{share:.2f} (final p {r['final_on_policy_probability']:.1f})"
+            elif share is not None:
+                share = f"{share:.2f}"
+            lines.append(
+                "| " + " | ".join(label) + f" | {r['steps']} | {r['train_runtime_s']:.0f} "
+                f"| {r['train_runtime_s'] / r['steps']:.3f} | {r['rouge_l']:.2f} "
+                f"| {r['rouge_l_std']:.2f} | {share if share is not None else 0} |"
+            )
+    cost_rows = [r for r in results if "name" in r and r.get("evaluate") is False]
+    if cost_rows:
+        trl = next((r for r in cost_rows if r["trainer"] == "trl"), None)
+        lines += [
+            "",
+            "| trainer | s / step (median) | vs TRL | mean sampled tokens | peak RSS MiB "
+            "| RSS growth in training MiB |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in cost_rows:
+            ratio = f"{r['median_step_s'] / trl['median_step_s']:.2f}x" if trl else ""
+            length = r.get("mean_completion_length")
+            length = f"{length:.1f}" if length is not None else "-"
+            lines.append(
+                f"| {r['name']} | {r['median_step_s']:.3f} | {ratio} | {length} "
+                f"| {r['peak_rss_mb']:.0f} | {r['training_rss_mb']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def _pair(text: str) -> tuple[float, float]:
     alpha, beta = (float(part) for part in text.split(","))
     return alpha, beta
@@ -379,10 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     quality_parser.add_argument("--rouge-seeds", type=int, nargs="+", default=[0, 1, 2])
     quality_parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-on-policy-"))
     commands.choices["cost"].add_argument("--warmup", type=int, default=5)
+    table = commands.add_parser("table", help="markdown tables from JSON-lines results")
+    table.add_argument("results", type=Path, nargs="+")
     args = parser.parse_args(argv)
 
     if args.command == "run":
         print(json.dumps(run_one(json.loads(args.spec))), flush=True)
+        return 0
+    if args.command == "table":
+        lines = [line for path in args.results for line in path.read_text().splitlines()]
+        print(markdown_tables([json.loads(line) for line in lines if line.startswith("{")]))
         return 0
     started = time.time()
     results = quality(args) if args.command == "quality" else cost(args)
