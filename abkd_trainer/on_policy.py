@@ -520,6 +520,17 @@ def _seeded_rng(key: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def on_policy_settings(args: ABKDConfig) -> dict[str, Any]:
+    """The on-policy fields of ``args`` for the model card; empty when training is off-policy."""
+    if not args.uses_sampled_completions:
+        return {}
+    names = ["lmbda", "seq_kd", "on_policy_schedule"]
+    if args.on_policy_schedule == "adaptive":
+        names += ["adaptive_step", "adaptive_loss_eps", "replay_buffer_size"]
+    names += ["max_new_tokens", "generation_temperature", "generation_top_p", "generation_top_k"]
+    return {name: getattr(args, name) for name in names}
+
+
 def on_policy_batches_for_trainer(trainer: Any) -> OnPolicyBatches:
     """Set on-policy sampling up for an ``ABKDTrainer`` (called at the end of its ``__init__``).
 

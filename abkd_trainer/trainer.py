@@ -46,7 +46,7 @@ from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_d
 from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
-from abkd_trainer.on_policy import on_policy_batches_for_trainer
+from abkd_trainer.on_policy import on_policy_batches_for_trainer, on_policy_settings
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -723,6 +723,7 @@ class ABKDTrainer(SFTTrainer):
                 if getattr(self.args, field) is not None:
                     settings[field] = getattr(self.args, field)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
+        settings.update(on_policy_settings(self.args))
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),
             settings,

@@ -506,3 +506,21 @@ def test_resume_restores_the_schedule_and_continues_the_trajectory(tmp_path):
     for step in (4, 5, 6):
         assert resumed_fractions[step] == fractions[step]
         assert observed_losses[step] == pytest.approx(expected_losses[step], rel=1e-6, abs=1e-7)
+
+
+# ------------------------------------------------------------------ model card
+
+
+def test_model_card_records_the_on_policy_settings(tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer, _ = adaptive_trainer(tmp_path / "on", lmbda=0.2, max_new_tokens=7)
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "on" / "README.md").text
+    for row in ("| lmbda | 0.2 |", "| on_policy_schedule | adaptive |", "| max_new_tokens | 7 |"):
+        assert row in text
+    assert "| replay_buffer_size | 1000 |" in text
+
+    off = on_policy_trainer(tmp_path / "off")
+    off.create_model_card()
+    assert "lmbda" not in ModelCard.load(tmp_path / "off" / "README.md").text
