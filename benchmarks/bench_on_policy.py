@@ -20,7 +20,9 @@ time). 200 training rows are held out as the development set the adaptive schedu
 steps, generation included) and peak resident memory of: ABKDTrainer off-policy, ABKDTrainer
 with ``lmbda=1`` (AB and generalized JSD), and TRL's ``DistillationTrainer`` (on-policy only,
 generalized JSD beta 0.5, transformers generation) on the same model pair, prompts, batch size
-and completion length.
+and completion length; then again with exactly ``max_new_tokens`` sampled tokens per sequence
+for every trainer (``min_new_tokens``), so that each step does the same work whatever the
+students have learnt.
 
 Memory: ``peak_rss_mb`` is the process's peak resident set (``VmHWM``), ``training_rss_mb`` the
 peak during ``train()`` minus the resident set just before it (models, data and libraries
@@ -51,6 +53,7 @@ REPO_ROOT = SCRIPT.parents[1]
 DEV_ROWS = 200
 TEST_PROMPTS = 100
 MAX_NEW_TOKENS = 24  # the demo's ROUGE-L response cap; also the sampled completion length
+FIXED_LENGTH = {"min_new_tokens": MAX_NEW_TOKENS}
 SOURCES = {
     "off-policy": {},
     "lmbda 0.5": {"lmbda": 0.5},
@@ -181,6 +184,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             temperature=1.0,
             top_p=1.0,
             beta=spec.get("jsd_beta", 0.5),
+            generation_kwargs=spec.get("generation_kwargs"),
         )
         trainer = DistillationTrainer(
             model=student,
@@ -204,6 +208,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             lmbda=spec.get("lmbda", 0.0),
             on_policy_schedule=spec.get("on_policy_schedule", "constant"),
             max_new_tokens=spec["max_new_tokens"],
+            generation_kwargs=spec.get("generation_kwargs"),
             eval_strategy="steps" if adaptive else "no",
             eval_steps=max(1, spec["steps"] // 6),
             eval_on_start=adaptive,
@@ -355,6 +360,14 @@ def cost(args: argparse.Namespace) -> list[dict[str, Any]]:
         {"name": "ABKDTrainer lmbda=1, JSD beta 0.5", "trainer": "abkd", "divergence": "jsd",
          "lmbda": 1.0},
         {"name": "TRL DistillationTrainer, JSD beta 0.5", "trainer": "trl"},
+        # The same work per step for everyone: exactly max_new_tokens sampled tokens per sequence
+        # (how soon a student samples EOS otherwise depends on what it has learnt so far).
+        {"name": "ABKDTrainer lmbda=1, AB (0.8, 0.3), 24 tokens", "trainer": "abkd", "alpha": 0.8,
+         "beta": 0.3, "lmbda": 1.0, "generation_kwargs": FIXED_LENGTH},
+        {"name": "ABKDTrainer lmbda=1, JSD beta 0.5, 24 tokens", "trainer": "abkd",
+         "divergence": "jsd", "lmbda": 1.0, "generation_kwargs": FIXED_LENGTH},
+        {"name": "TRL DistillationTrainer, JSD beta 0.5, 24 tokens", "trainer": "trl",
+         "generation_kwargs": FIXED_LENGTH},
     ]  # fmt: skip
     results = []
     for case in cases:
