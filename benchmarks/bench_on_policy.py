@@ -369,11 +369,31 @@ def cost(args: argparse.Namespace) -> list[dict[str, Any]]:
         {"name": "TRL DistillationTrainer, JSD beta 0.5, 24 tokens", "trainer": "trl",
          "generation_kwargs": FIXED_LENGTH},
     ]  # fmt: skip
+    if args.cases:
+        cases = [case for case in cases if any(word in case["name"] for word in args.cases)]
     results = []
-    for case in cases:
-        results.append(_in_subprocess({**base, **case}))
-        _emit(results[-1], args.output)
+    # Round-robin repeats: a shared machine's load drifts, and interleaving spreads it evenly.
+    for repeat in range(args.repeats):
+        for case in cases:
+            results.append(_in_subprocess({**base, **case, "repeat": repeat}))
+            _emit(results[-1], args.output)
     return results
+
+
+def _median_by_name(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per case name (first-seen order): the median of each measurement over repeats."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_name.setdefault(result["name"], []).append(result)
+    rows = []
+    for runs in by_name.values():
+        row = {**runs[0], "runs": len(runs)}
+        for key in ("median_step_s", "peak_rss_mb", "training_rss_mb", "mean_completion_length"):
+            values = [run[key] for run in runs if run.get(key) is not None]
+            if values:
+                row[key] = statistics.median(values)
+        rows.append(row)
+    return rows
 
 
 def markdown_tables(results: list[dict[str, Any]]) -> str:
@@ -401,21 +421,29 @@ def markdown_tables(results: list[dict[str, Any]]) -> str:
                 f"| {r['train_runtime_s'] / r['steps']:.3f} | {r['rouge_l']:.2f} "
                 f"| {r['rouge_l_std']:.2f} | {share if share is not None else 0} |"
             )
-    cost_rows = [r for r in results if "name" in r and r.get("evaluate") is False]
+    cost_rows = _median_by_name([r for r in results if "name" in r and not r.get("evaluate", 1)])
     if cost_rows:
-        trl = next((r for r in cost_rows if r["trainer"] == "trl"), None)
         lines += [
             "",
-            "| trainer | s / step (median) | vs TRL | mean sampled tokens | peak RSS MiB "
+            "| trainer | runs | s / step (median) | vs TRL | mean sampled tokens | peak RSS MiB "
             "| RSS growth in training MiB |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in cost_rows:
+            fixed = r["name"].endswith("tokens")
+            trl = next(
+                (
+                    t
+                    for t in cost_rows
+                    if t["trainer"] == "trl" and t["name"].endswith("tokens") == fixed
+                ),
+                None,
+            )
             ratio = f"{r['median_step_s'] / trl['median_step_s']:.2f}x" if trl else ""
             length = r.get("mean_completion_length")
             length = f"{length:.1f}" if length is not None else "-"
             lines.append(
-                f"| {r['name']} | {r['median_step_s']:.3f} | {ratio} | {length} "
+                f"| {r['name']} | {r['runs']} | {r['median_step_s']:.3f} | {ratio} | {length} "
                 f"| {r['peak_rss_mb']:.0f} | {r['training_rss_mb']:.0f} |"
             )
     return "\n".join(lines)
@@ -445,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     quality_parser.add_argument("--rouge-seeds", type=int, nargs="+", default=[0, 1, 2])
     quality_parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-on-policy-"))
     commands.choices["cost"].add_argument("--warmup", type=int, default=5)
+    commands.choices["cost"].add_argument("--repeats", type=int, default=1)
+    commands.choices["cost"].add_argument(
+        "--cases", nargs="+", default=None, help="only cases whose name contains one of these"
+    )
     table = commands.add_parser("table", help="markdown tables from JSON-lines results")
     table.add_argument("results", type=Path, nargs="+")
     args = parser.parse_args(argv)
