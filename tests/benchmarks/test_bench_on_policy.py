@@ -56,3 +56,21 @@ def test_equal_time_runs_get_the_off_policy_runs_wall_time(monkeypatch, tmp_path
     # 100 off-policy steps take 100 s: lmbda 0.5 fits 50 steps, lmbda 1 25; adaptive is as fast.
     assert equal_time == {"lmbda 0.5": 50, "lmbda 1": 25}
     assert sum(s["budget"] == "equal steps" for s in launched) == 4
+
+
+def test_tables_take_medians_over_repeats_and_compare_like_with_like():
+    def cost(name, trainer, step_s):
+        return {"name": name, "trainer": trainer, "evaluate": False, "median_step_s": step_s,
+                "peak_rss_mb": 500.0, "training_rss_mb": 40.0}  # fmt: skip
+
+    results = [
+        cost("ours", "abkd", 0.2),
+        cost("TRL", "trl", 0.4),
+        cost("ours, 24 tokens", "abkd", 0.3),
+        cost("TRL, 24 tokens", "trl", 0.3),
+        cost("ours", "abkd", 0.4),
+        cost("ours", "abkd", 0.1),
+    ]
+    table = bench.markdown_tables(results)
+    assert "| ours | 3 | 0.200 | 0.50x |" in table  # median of 0.2, 0.4, 0.1 against TRL's 0.4
+    assert "| ours, 24 tokens | 1 | 0.300 | 1.00x |" in table  # fixed length vs fixed length
