@@ -423,7 +423,10 @@ class OnPolicyBatches:
         step: int,
         max_steps: int,
     ) -> list[BatchSource]:
-        # The buffer fills as the step's student batches are added, in micro-batch order.
+        # The buffer fills as the step's student batches are added, in micro-batch order. Every
+        # process holds its own buffer of its own samples; with equal micro-batch sizes on all
+        # processes (accelerate's `even_batches`, the default) they fill alike, so all processes
+        # draw the same sources.
         buffered = len(self.replay_buffer)
         sources = []
         for index, batch in enumerate(batches):
