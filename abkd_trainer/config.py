@@ -41,6 +41,11 @@ class ABKDConfig(SFTConfig):
         teacher_model_init_kwargs (`dict`, *optional*): keyword arguments of
             ``AutoModelForCausalLM.from_pretrained`` for a teacher given by name (e.g.
             ``{"dtype": "bfloat16"}``).
+        teacher_cache (`str`, *optional*): directory of a teacher cache written by
+            ``abkd-cache-teacher`` / ``abkd_trainer.teacher_cache.cache_teacher`` for this dataset
+            and preprocessing. No teacher is loaded; the divergence is that of the coarsened
+            distributions (the teacher's k cached tokens plus a tail bucket, the student
+            coarsened onto the same buckets), equal to the full one when k covers the vocabulary.
         loss_chunk_size (`int`, *optional*): tokens per chunk of the divergence kernel; None picks
             one from the vocabulary size.
         use_fused_loss (`bool`, defaults to `True`): compute the loss from both models' final
@@ -128,6 +133,16 @@ class ABKDConfig(SFTConfig):
             'teacher is given by name, e.g. \'{"dtype": "bfloat16"}\'.'
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of a teacher cache written by `abkd-cache-teacher` (the teacher's "
+            "top-k log-probabilities on this dataset, with the same preprocessing). Training then "
+            "loads no teacher: the divergence is computed between the teacher's k cached tokens "
+            "plus one tail bucket and the student coarsened the same way (the full divergence "
+            "when k covers the vocabulary)."
+        },
+    )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -188,6 +203,25 @@ class ABKDConfig(SFTConfig):
             raise ValueError(
                 f"`alpha_end` / `beta_end` schedule the alpha-beta divergence, but `divergence` is "
                 f"{self.divergence!r}. Set `divergence='ab'` or leave them unset."
+            )
+        if self.teacher_cache is not None and self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "Set either `teacher_cache` (train from a cache written by abkd-cache-teacher) or "
+                "`teacher_model_name_or_path` (run the teacher live), not both."
+            )
+        # On-policy distillation (student-generated completions) needs the teacher on text that
+        # does not exist when the cache is written.
+        on_policy = {
+            name: getattr(self, name)
+            for name in ("lmbda", "seq_kd")
+            if getattr(self, name, None) not in (None, 0, 0.0, False)
+        }
+        if self.teacher_cache is not None and on_policy:
+            raise ValueError(
+                f"A teacher cache holds the teacher on the dataset's fixed completions only, but "
+                f"{on_policy} asks for on-policy / sequence-level distillation, which needs the "
+                "teacher on newly generated text. Train with a live teacher "
+                "(`teacher_model_name_or_path`) or turn those options off."
             )
         if self.loss_chunk_size is not None and (
             isinstance(self.loss_chunk_size, bool)
