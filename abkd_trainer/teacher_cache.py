@@ -28,6 +28,7 @@ of forward passes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -834,9 +835,25 @@ def _write_split(
             temporary = target.with_name(f"{target.name}.tmp-{rank}")
             shutil.rmtree(temporary, ignore_errors=True)
             features = _cache_features(writer.log_prob_dtype)
-            ArrowDataset.from_dict(columns, features=features).save_to_disk(str(temporary))
+            shard_dataset = ArrowDataset.from_dict(columns, features=features)
+            with _quiet_datasets_progress():
+                shard_dataset.save_to_disk(str(temporary))
             os.replace(temporary, target)  # a shard directory exists only once it is complete
     progress.close()
+
+
+@contextlib.contextmanager
+def _quiet_datasets_progress() -> Iterator[None]:
+    """No per-shard "Saving the dataset" bars under the writer's own progress bar."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def _shard_rows(info: SplitInfo, shard: int) -> int:

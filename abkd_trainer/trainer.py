@@ -89,6 +89,9 @@ class ABKDTrainer(SFTTrainer):
             ``args.teacher_model_init_kwargs``; defaults to ``args.teacher_model_name_or_path``.
             It must use the student's tokenizer. Its logits may be wider than the student's
             (padded embedding rows): only the first ``len(tokenizer)`` entries are compared.
+            None with ``args.teacher_cache``: the teacher's top-k log-probabilities are read
+            from a cache written by ``abkd-cache-teacher`` and no teacher is loaded
+            (``self.teacher_model`` is None; see :mod:`abkd_trainer.teacher_cache`).
         args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
         optimizers, preprocess_logits_for_metrics, peft_config, formatting_func: as in
@@ -672,6 +675,8 @@ class ABKDTrainer(SFTTrainer):
             return
         card_path = Path(self.args.output_dir) / "README.md"
         settings = {"Teacher": self._teacher_name, "Divergence": self.args.divergence}
+        if self.teacher_cache is not None:
+            settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
         for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
             settings[field] = getattr(self.args, field)
         if self.args.divergence == "ab":
