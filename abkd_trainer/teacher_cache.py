@@ -697,7 +697,8 @@ def cache_teacher(
     if preparer.is_deepspeed_enabled:
         from abkd_trainer.distributed import prepare_deepspeed_teacher
 
-        teacher = prepare_deepspeed_teacher(teacher_model, accelerator).eval()
+        teacher = prepare_deepspeed_teacher(teacher_model, accelerator)
+        teacher.eval()  # (DeepSpeedEngine.eval returns None)
     transform = LogitTransform.from_config(teacher_model.config)
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
