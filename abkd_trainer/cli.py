@@ -35,15 +35,6 @@ if TYPE_CHECKING:
 
     from abkd_trainer.config import ABKDConfig
 
-# Local files `--dataset_name` may point at, by suffix, and the `datasets` builder that reads them.
-DATA_FILE_BUILDERS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-
 
 def _script_arguments_class() -> type:
     """Defined lazily so that ``import abkd_trainer.cli`` does not import TRL."""
@@ -108,13 +99,22 @@ def make_parser(prog: str | None = "abkd-train") -> TrlParser:
     from abkd_trainer.config import ABKDConfig
 
     dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
-    return TrlParser(
+    parser = TrlParser(
         dataclass_types,
         prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog="Every flag can also be set in a YAML file given with --config FILE.yaml "
         "(flags on the command line win). With no model and no dataset, the offline demo runs.",
     )
+    # As in the HF example scripts, a bare `--resume_from_checkpoint` means "from the latest
+    # checkpoint in output_dir" (TrainingArguments types it as a path, which needs a value).
+    resume = parser._option_string_actions["--resume_from_checkpoint"]
+    resume.nargs, resume.const = "?", "true"
+    resume.help = (
+        "Continue the run in output_dir: a checkpoint folder, or no value / `true` for the latest "
+        "complete checkpoint (incomplete ones, without trainer_state.json, are skipped)."
+    )
+    return parser
 
 
 def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
@@ -195,8 +195,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any,
         overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
     if overrides:
         parser.set_defaults_with_config(**overrides)
-    script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+    try:
+        script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise _explain_precision_error(error) from error
     return script_args, training_args, model_args, mixture_args, demo
+
+
+CPU_PRECISION_HINT = (
+    "To run on a CPU, add `--use_cpu true --bf16 false` (fp32 training; SFTConfig and the "
+    "example recipes ask for bf16), and load bfloat16 checkpoints in fp32 with `--dtype float32` "
+    '(student) and `--teacher_model_init_kwargs \'{"dtype": "float32"}\'` (teacher). See '
+    '"On a CPU" in the README.'
+)
+
+
+def _explain_precision_error(error: ValueError) -> ValueError:
+    """TrainingArguments' "doesn't support bf16/gpu", with what to change on a CPU machine."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if "bf16" not in str(error) or is_torch_bf16_gpu_available():
+        return error
+    return ValueError(f"{error}\nabkd-train: no GPU with bf16 support here. {CPU_PRECISION_HINT}")
 
 
 def _init_cpu_distributed(use_deepspeed: bool) -> bool:
@@ -206,48 +226,10 @@ def _init_cpu_distributed(use_deepspeed: bool) -> bool:
     return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
 
 
-def load_dataset_from_name(
-    name: str,
-    *,
-    config_name: str | None = None,
-    streaming: bool = False,
-    test_file: str | None = None,
-    test_split: str = "test",
-) -> DatasetDict:
-    """Load ``--dataset_name``: a local data file, a ``save_to_disk`` directory, or a Hub id.
-
-    A single local file becomes the ``train`` split (``test_file``, when given, the
-    ``test_split`` split); a saved ``Dataset`` becomes ``train``; a saved ``DatasetDict`` keeps
-    its splits.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    path = Path(name).expanduser()
-    if path.is_file():
-        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"Cannot read {name!r}: local dataset files must end in "
-                f"{', '.join(sorted(DATA_FILE_BUILDERS))}; or pass a directory saved with "
-                "`save_to_disk`, or a Hub dataset id."
-            )
-        data_files = {"train": str(path)}
-        if test_file is not None:
-            data_files[test_split] = str(Path(test_file).expanduser())
-        return load_dataset(builder, data_files=data_files, streaming=streaming)
-    if test_file is not None:
-        raise ValueError("`dataset_test_file` only applies when `dataset_name` is a local file.")
-    if path.is_dir() and any(
-        (path / marker).is_file() for marker in ("dataset_dict.json", "state.json")
-    ):
-        loaded = load_from_disk(str(path))
-        return DatasetDict({"train": loaded}) if isinstance(loaded, Dataset) else loaded
-    # A Hub id, or a directory of data files that `load_dataset` understands.
-    return load_dataset(name, name=config_name, streaming=streaming)
-
-
 def _load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
     from trl import get_dataset
+
+    from abkd_trainer.data import load_dataset_from_name
 
     if mixture_args.datasets:
         return get_dataset(mixture_args)
@@ -305,10 +287,13 @@ def run(
     from transformers import AutoConfig, AutoTokenizer
     from trl import get_peft_config
 
+    from abkd_trainer.data import check_sft_columns
     from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
+    from abkd_trainer.model_card import hub_id
     from abkd_trainer.report import format_comparison_table, make_report, write_report
     from abkd_trainer.trainer import ABKDTrainer
 
+    checkpoint = _check_before_loading(training_args)
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
@@ -360,6 +345,18 @@ def run(
     test_dataset = (
         _split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
     )
+    # Name the file in errors about its columns (the trainer checks again, without the name).
+    sources = {script_args.dataset_test_split: script_args.dataset_test_file}
+    for split, dataset in (
+        (script_args.dataset_train_split, train_dataset),
+        (script_args.dataset_test_split, test_dataset),
+    ):
+        check_sft_columns(
+            dataset,
+            name=f"The {split!r} split",
+            source=sources.get(split) or dataset_label,
+            dataset_text_field=training_args.dataset_text_field,
+        )
 
     trainer = ABKDTrainer(
         model=model,
@@ -388,12 +385,21 @@ def run(
             # From a teacher cache there is no teacher to sample from or compare logits with.
             evaluate_teacher=live_teacher,
             divergences=configured_divergences(training_args) if live_teacher else None,
+            dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
+            if not demo
+            else None,
+            dataset_split=script_args.dataset_test_split,
         )
         trainer.add_callback(rouge_callback)
 
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # student, tokenizer and model card README.md
+    trainer.train(resume_from_checkpoint=checkpoint)
+    # Student, tokenizer and model card, locally: the upload (if any) comes after the report.
+    trainer.save_model(training_args.output_dir, _internal_call=True)
+    hub_dataset = None if demo else hub_id(script_args.dataset_name)
+    trainer.create_model_card(
+        model_name=Path(training_args.output_dir).name, dataset_name=hub_dataset
+    )
     elapsed = time.perf_counter() - start
 
     report = None
@@ -425,11 +431,54 @@ def run(
     elif trainer.is_world_process_zero():
         print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
 
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=None if demo else script_args.dataset_name)
+    _push_and_end(trainer, dataset_name=hub_dataset)
+    return report
+
+
+def _check_before_loading(training_args: ABKDConfig) -> str | None:
+    """Checks that fail at once rather than after loading models or training.
+
+    A reused ``output_dir``, a resume without a checkpoint, and (``--push_to_hub``) a Hub that
+    cannot be written to. Returns the checkpoint to resume from, or None.
+    """
+    from abkd_trainer.checkpoints import check_output_dir_is_free, resolve_resume_from_checkpoint
+    from abkd_trainer.hub import check_hub_access
+
+    check_output_dir_is_free(
+        training_args.output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite_output_dir=training_args.overwrite_output_dir,
+    )
+    checkpoint = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    if training_args.push_to_hub and training_args.process_index == 0:
+        check_hub_access(training_args.hub_token)
+    return checkpoint
+
+
+def _push_and_end(trainer: Any, dataset_name: str | None) -> None:
+    """Upload (``--push_to_hub``) once everything is saved locally, then end the run.
+
+    Raises:
+        HubUploadError: after every rank is done, when the upload failed; the message lists
+            the local files and the command that retries the upload.
+    """
+    from abkd_trainer.hub import HubUploadError, upload_failure_message
+
+    args = trainer.args
+    upload_error = None
+    if args.push_to_hub:
+        try:
+            trainer.push_to_hub(dataset_name=dataset_name)
+        except Exception as error:  # network, auth, quota: reported once every rank is done
+            upload_error = error
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish trackers and destroy the process group
-    return report
+    if upload_error is not None:
+        repo_id = trainer.hub_model_id or args.hub_model_id or "<repo_id>"
+        message = upload_failure_message(upload_error, repo_id, args.output_dir, args.hub_revision)
+        raise HubUploadError(message) from upload_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -444,9 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "abkd-train: no model or dataset given, running the offline demo "
             f"(output in {os.path.abspath(training_args.output_dir)})."
         )
-    run(script_args, training_args, model_args, mixture_args, demo)
     from abkd_trainer.distributed import finish_distributed_run
+    from abkd_trainer.hub import HubUploadError
 
+    try:
+        run(script_args, training_args, model_args, mixture_args, demo)
+    except HubUploadError as error:  # training, saving and the report succeeded
+        print(f"abkd-train: {error}", file=sys.stderr)
+        return 1
     # The CPU (gloo) DeepSpeed path needs the hard exit described there; GPU runs do not.
     finish_distributed_run(skip_interpreter_teardown=cpu_deepspeed)
     return 0

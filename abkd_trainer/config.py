@@ -57,6 +57,10 @@ class ABKDConfig(SFTConfig):
             ZeRO-3), or to get the logits back in ``compute_loss`` outputs.
         disable_dropout (`bool`, defaults to `True`): disable dropout in the student. The teacher
             always runs in eval mode.
+        overwrite_output_dir (`bool`, defaults to `False`): start afresh in an ``output_dir``
+            that holds an earlier run: ``train()`` without ``resume_from_checkpoint`` deletes its
+            ``checkpoint-*`` folders instead of warning, and ``abkd-train`` accepts the folder
+            (the HF example-script flag, no longer part of ``TrainingArguments``).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -165,6 +169,15 @@ class ABKDConfig(SFTConfig):
         metadata={
             "help": "Whether to disable dropout in the student. The teacher always runs in eval "
             "mode."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds checkpoints or a saved model of an "
+            "earlier run: its checkpoint-* folders are deleted when training starts without "
+            "`resume_from_checkpoint`. Without it, abkd-train refuses such a folder and "
+            "`ABKDTrainer.train()` warns."
         },
     )
 

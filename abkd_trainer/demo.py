@@ -36,6 +36,7 @@ DEMO_STUDENT_SEED = 0
 # busy CPU cores.
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "abkd-demo-output",
+    "overwrite_output_dir": True,  # each demo run replaces the previous one's output
     "teacher_model_name_or_path": str(DEMO_TEACHER_DIR),
     # The paper's LLM setting (0.2, 0.7) assumes a student already fine-tuned on the task; from a
     # random initialisation that mode-seeking setting collapses onto wrong tokens. (0.8, 0.3), the

@@ -469,6 +469,12 @@ class RougeLCallback(TrainerCallback):
         evaluate_teacher: also evaluate ``trainer.teacher_model`` (once, at train begin).
         divergences: name -> divergence function; when given, the mean per-token divergence
             to the teacher on the references is measured at train begin and end.
+        dataset_name, dataset_split: where the prompts come from (a Hub id or a local path),
+            for the ``model-index`` of the model card.
+
+    ``eval_rouge_l`` is also put into the metrics of each evaluation, so that
+    ``metric_for_best_model="rouge_l"`` (with ``load_best_model_at_end``) keeps the
+    checkpoint with the best ROUGE-L, and ``EarlyStoppingCallback`` can watch it.
     """
 
     def __init__(
@@ -485,6 +491,8 @@ class RougeLCallback(TrainerCallback):
         evaluate_at_train_boundaries: bool = False,
         evaluate_teacher: bool = False,
         divergences: Mapping[str, DivergenceFn] | None = None,
+        dataset_name: str | None = None,
+        dataset_split: str | None = None,
     ) -> None:
         if len(prompts) != len(references):
             raise ValueError(
@@ -510,6 +518,8 @@ class RougeLCallback(TrainerCallback):
         self.evaluate_at_train_boundaries = evaluate_at_train_boundaries
         self.evaluate_teacher = evaluate_teacher
         self.divergences = dict(divergences or {})
+        self.dataset_name = dataset_name
+        self.dataset_split = dataset_split
         self.results: dict[str, RougeLResult] = {}
         self.divergence_results: dict[str, dict[str, float]] = {}
         self.history: list[dict[str, float]] = []
@@ -558,7 +568,10 @@ class RougeLCallback(TrainerCallback):
             self._record("student_after", state)
             # `Trainer.log` after training would append past the final summary; record only.
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         result = self._rouge_l(self.trainer.model_wrapped)
         self.history.append({"step": state.global_step, "rouge_l": result.rouge_l})
+        # Trainer picks the best checkpoint from this same dict once the callbacks have run.
+        if metrics is not None:
+            metrics["eval_rouge_l"] = result.rouge_l
         self.trainer.log({"eval_rouge_l": result.rouge_l})

@@ -6,7 +6,8 @@ training on held-out prompts::
     {"teacher": {"rouge_l": 71.2, ...},
      "student_before": {"rouge_l": 1.3, "divergence_to_teacher": {"ab": 2.9, "fkl": 4.1}, ...},
      "student_after": {"rouge_l": 55.0, "divergence_to_teacher": {"ab": 0.2, "fkl": 0.3}, ...},
-     "evaluation": {...}, "training": {...}}
+     "evaluation": {...}, "training": {...},
+     "environment": {"abkd_trainer": "0.1.0", "torch": "2.13.0", ..., "device": "cpu (...)"}}
 
 ROUGE-L is the F-measure x 100 of sampled responses (mean over prompts, then seeds); the
 divergences are nats per reference-response token under teacher forcing.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +56,7 @@ def make_report(
     max_new_tokens: int,
     log_history: Sequence[Mapping[str, Any]] = (),
     wall_time_s: float | None = None,
+    environment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dictionary (see the module docstring for its layout).
 
@@ -63,6 +67,8 @@ def make_report(
         training_args: the run's ABKDConfig (its objective settings are copied).
         log_history: ``trainer.state.log_history``, for the final training loss and step count.
         wall_time_s: training + evaluation wall time in seconds.
+        environment: see :func:`environment_info`; by default that of ``training_args``'
+            device and process count, in this process.
     """
     report: dict[str, Any] = {}
     for row in MODEL_ROWS:
@@ -104,7 +110,66 @@ def make_report(
     if wall_time_s is not None:
         training["wall_time_s"] = round(wall_time_s, 1)
     report["training"] = training
+    report["environment"] = dict(
+        environment
+        if environment is not None
+        else environment_info(training_args.device, num_processes=training_args.world_size)
+    )
     return report
+
+
+def environment_info(device: Any = None, *, num_processes: int = 1) -> dict[str, Any]:
+    """The software and hardware behind a result, so that a number can be traced and rerun.
+
+    Args:
+        device: the training device (``torch.device`` or its name); None means CPU.
+        num_processes: processes (ranks) of the run.
+
+    Returns:
+        ``abkd_trainer``, ``torch``, ``transformers``, ``trl``, ``datasets`` and ``python``
+        versions, ``torch_num_threads`` (intra-op threads of this process, which change the
+        floating-point summation order on CPU), ``device`` (with the GPU or CPU model),
+        ``num_processes``, ``cpu_count`` and ``platform``.
+    """
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    from abkd_trainer import __version__
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        device_name = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        device_name = f"cpu ({_cpu_model()})"
+    else:
+        device_name = str(device)
+    return {
+        "abkd_trainer": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+        "torch_num_threads": torch.get_num_threads(),
+        "device": device_name,
+        "num_processes": num_processes,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -181,6 +246,11 @@ def format_markdown(report: Mapping[str, Any], *, loss_curve: str | None = LOSS_
         if value is not None:
             lines.append(f"| {key} | {f'{value:.4g}' if isinstance(value, float) else value} |")
     lines.append("")
+    environment = report.get("environment", {})
+    if environment:
+        lines += ["## Environment", "", "| | |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in environment.items()]
+        lines.append("")
     if loss_curve is not None:
         lines += [f"![loss curve]({loss_curve})", ""]
     for row in MODEL_ROWS:

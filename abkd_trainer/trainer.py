@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalPrediction, TrainOutput
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
@@ -35,7 +35,9 @@ from trl.trainer.utils import (
     maybe_gather_lm_head_ctx,
 )
 
+from abkd_trainer.checkpoints import prepare_output_dir
 from abkd_trainer.config import ABKDConfig
+from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.coarsened import (
     CachedTeacher,
@@ -43,7 +45,7 @@ from abkd_trainer.divergences.coarsened import (
     fused_linear_coarsened_divergence,
 )
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
-from abkd_trainer.model_card import add_distillation_section
+from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
 
 if TYPE_CHECKING:
@@ -169,6 +171,7 @@ class ABKDTrainer(SFTTrainer):
                 "or pass its name instead."
             )
 
+        check_sft_datasets(train_dataset, eval_dataset, args, formatting_func)
         super().__init__(
             model,
             args=args,
@@ -183,6 +186,8 @@ class ABKDTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+
+        check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
 
         # Offline teacher: every batch carries the cached teacher rows; no teacher is loaded.
         self.teacher_cache = None
@@ -661,6 +666,19 @@ class ABKDTrainer(SFTTrainer):
             logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ training
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> TrainOutput:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints, and
+        starting afresh in an ``output_dir`` that holds an earlier run warns (see
+        :func:`abkd_trainer.checkpoints.prepare_output_dir`)."""
+        resume_from_checkpoint = prepare_output_dir(
+            self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
+        )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ------------------------------------------------------------------ saving and the Hub
 
     def create_model_card(
@@ -674,7 +692,10 @@ class ABKDTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         card_path = Path(self.args.output_dir) / "README.md"
-        settings = {"Teacher": self._teacher_name, "Divergence": self.args.divergence}
+        settings = {
+            "Teacher": hub_id_or_name(self._teacher_name),
+            "Divergence": self.args.divergence,
+        }
         if self.teacher_cache is not None:
             settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
         for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
@@ -688,6 +709,12 @@ class ABKDTrainer(SFTTrainer):
             card_path.read_text(encoding="utf-8"),
             settings,
             model_location=self.hub_model_id or str(self.args.output_dir),
+        )
+        card_text = add_rouge_l_results(
+            card_text,
+            self.callback_handler.callbacks,
+            model_name=model_name or Path(self.args.output_dir).name,
+            global_step=self.state.global_step,
         )
         card_path.write_text(card_text, "utf-8")
 

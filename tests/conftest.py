@@ -29,3 +29,26 @@ def tiny_tokenizer():
     from testing_utils import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def hub_http(monkeypatch):
+    """``hub_http(handler)`` answers every Hugging Face Hub request in the test.
+
+    Replaces huggingface_hub's HTTP client (its ``set_client_factory`` hook) by one whose
+    transport calls ``handler(request) -> response``, so nothing leaves the process; the Hub is
+    online and ``HF_TOKEN`` holds a dummy token for the test's duration.
+    """
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+    def install(handler) -> None:
+        set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+
+    yield install
+    set_client_factory(default_client_factory)

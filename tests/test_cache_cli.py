@@ -70,6 +70,7 @@ def test_cache_then_train_from_it_on_local_files(tmp_path, local_run, capsys):
     # The same run with another max_length is refused, naming it.
     mismatched = [*train_argv]
     mismatched[mismatched.index("--max_length") + 1] = "32"
+    mismatched[mismatched.index("--output_dir") + 1] = str(tmp_path / "out-32")
     with pytest.raises(ValueError, match="max_length=48.*max_length=32"):
         cli.main(mismatched)
 

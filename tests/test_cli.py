@@ -10,16 +10,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
+from huggingface_hub import ModelCard
 from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
     build_tiny_tokenizer,
+    hub_no_network,
+    hub_whoami,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_torch_bf16_gpu_available
 
-from abkd_trainer.cli import is_demo_run, load_dataset_from_name, main, make_parser, parse_args
+from abkd_trainer.checkpoints import OutputDirInUseError
+from abkd_trainer.cli import is_demo_run, main, make_parser, parse_args
 from abkd_trainer.demo import DEMO_DEFAULTS, DEMO_TEACHER_DIR
+from abkd_trainer.hub import HubAccessError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Flags every CPU run in these tests needs (SFTConfig defaults to bf16; no trackers, no tqdm).
@@ -156,57 +162,8 @@ def test_python_dash_m_runs_the_cli():
     assert "--teacher_model_name_or_path" in completed.stdout
 
 
-# ----------------------------------------------------------------------------- datasets
-
-
 def _rows(n: int = 4) -> list[dict[str, str]]:
     return build_prompt_completion_dataset(n).to_list()
-
-
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
-def test_a_local_data_file_becomes_the_train_split(tmp_path, suffix):
-    path = tmp_path / f"data{suffix}"
-    dataset = Dataset.from_list(_rows())
-    {
-        ".jsonl": lambda: dataset.to_json(path, lines=True),
-        ".json": lambda: path.write_text(json.dumps(_rows())),
-        ".parquet": lambda: dataset.to_parquet(path),
-        ".csv": lambda: dataset.to_csv(path, index=False),
-    }[suffix]()
-
-    loaded = load_dataset_from_name(str(path))
-
-    assert list(loaded) == ["train"]
-    assert loaded["train"].to_list() == _rows()
-
-
-def test_a_test_file_becomes_the_named_test_split(tmp_path):
-    Dataset.from_list(_rows(4)).to_json(tmp_path / "train.jsonl")
-    Dataset.from_list(_rows(2)).to_json(tmp_path / "dev.jsonl")
-    loaded = load_dataset_from_name(
-        str(tmp_path / "train.jsonl"), test_file=str(tmp_path / "dev.jsonl"), test_split="dev"
-    )
-    assert (loaded["train"].num_rows, loaded["dev"].num_rows) == (4, 2)
-
-
-def test_saved_datasets_directories_load_with_their_splits(tmp_path):
-    DatasetDict(
-        {"train": Dataset.from_list(_rows(4)), "test": Dataset.from_list(_rows(2))}
-    ).save_to_disk(tmp_path / "dict")
-    Dataset.from_list(_rows(3)).save_to_disk(tmp_path / "single")
-
-    loaded = load_dataset_from_name(str(tmp_path / "dict"))
-    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (4, 2)
-    assert load_dataset_from_name(str(tmp_path / "single"))["train"].num_rows == 3
-
-
-def test_unreadable_dataset_arguments_fail_clearly(tmp_path):
-    (tmp_path / "data.txt").write_text("hello")
-    with pytest.raises(ValueError, match="must end in"):
-        load_dataset_from_name(str(tmp_path / "data.txt"))
-    Dataset.from_list(_rows()).save_to_disk(tmp_path / "saved")
-    with pytest.raises(ValueError, match="only applies when `dataset_name` is a local file"):
-        load_dataset_from_name(str(tmp_path / "saved"), test_file="x.jsonl")
 
 
 # ----------------------------------------------------------------------------- short runs
@@ -255,6 +212,12 @@ def test_a_short_run_on_local_files_saves_student_card_and_report(tmp_path, save
     assert report["evaluation"]["num_prompts"] == 3
     assert (output_dir / "report.md").is_file() and (output_dir / "loss_curve.png").is_file()
     assert "student_after" in capsys.readouterr().out  # the comparison table is printed
+    # The card names the local teacher by its folder and carries the evaluation.
+    card = ModelCard.load(output_dir / "README.md")
+    assert "| Teacher | teacher |" in card.text and str(saved_models["teacher"]) not in card.text
+    (result,) = card.data.eval_results
+    assert result.metric_value == pytest.approx(report["student_after"]["rouge_l"], abs=1e-4)
+    assert (result.dataset_name, result.dataset_split) == ("test.jsonl", "test")
 
 
 def test_a_run_without_rouge_l_skips_the_report(tmp_path, saved_models):
@@ -270,6 +233,18 @@ def test_a_run_without_rouge_l_skips_the_report(tmp_path, saved_models):
     assert main(argv) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_data_file_in_no_sft_format_is_named_before_training(tmp_path, saved_models):
+    Dataset.from_list([{"question": "q", "answer": "a"}] * 4).to_json(tmp_path / "qa.jsonl")
+    argv = [
+        "--model_name_or_path", str(saved_models["student"]),
+        "--teacher_model_name_or_path", str(saved_models["teacher"]),
+        "--dataset_name", str(tmp_path / "qa.jsonl"),
+        "--output_dir", str(tmp_path / "out"), *CPU_FLAGS,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"'train' split \({tmp_path / 'qa.jsonl'}\) .*missing"):
+        main(argv)
 
 
 def test_rouge_l_without_a_test_split_fails_before_training(tmp_path, saved_models):
@@ -306,6 +281,122 @@ def test_the_demo_teacher_beats_a_fresh_student_and_the_run_saves_everything(tmp
     assert AutoTokenizer.from_pretrained(output_dir).get_vocab() == (
         AutoTokenizer.from_pretrained(DEMO_TEACHER_DIR).get_vocab()
     )
+
+
+# ----------------------------------------------------------------------------- output_dir reuse
+
+
+def _short_run_argv(tmp_path, saved_models, output_dir, *extra):
+    if not (tmp_path / "train.jsonl").exists():
+        Dataset.from_list(_rows(8)).to_json(tmp_path / "train.jsonl")
+    return [
+        "--model_name_or_path", str(saved_models["student"]),
+        "--teacher_model_name_or_path", str(saved_models["teacher"]),
+        "--dataset_name", str(tmp_path / "train.jsonl"),
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "2",
+        "--logging_steps", "1", *CPU_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_before_loading(tmp_path, saved_models):
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(tmp_path, saved_models, output_dir, "--max_steps", "1")
+    assert main(argv) == 0
+    saved = (output_dir / "model.safetensors").stat().st_mtime_ns
+
+    with pytest.raises(OutputDirInUseError) as error:
+        main(argv)
+    assert "--resume_from_checkpoint" in str(error.value)
+    assert "--overwrite_output_dir" in str(error.value)
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns == saved  # nothing was touched
+
+    assert main([*argv, "--overwrite_output_dir", "true"]) == 0
+    assert (output_dir / "model.safetensors").stat().st_mtime_ns != saved
+
+
+def test_parse_accepts_a_bare_resume_from_checkpoint_flag(tmp_path):
+    base = ["--model_name_or_path", "s", "--teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    base += CPU_FLAGS
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint", "--alpha", "0.5"])
+    assert training_args.resume_from_checkpoint == "true" and training_args.alpha == 0.5
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint"])
+    assert training_args.resume_from_checkpoint == "true"
+    _, training_args, _, _, _ = parse_args([*base, "--resume_from_checkpoint", "run/checkpoint-5"])
+    assert training_args.resume_from_checkpoint == "run/checkpoint-5"
+    _, training_args, _, _, _ = parse_args(base)
+    assert training_args.resume_from_checkpoint is None
+
+
+@pytest.mark.parametrize(
+    "resume_flags", [["--resume_from_checkpoint"], ["--resume_from_checkpoint", "true"]]
+)
+def test_resume_from_the_latest_complete_checkpoint(tmp_path, saved_models, resume_flags):
+    output_dir = tmp_path / "out"
+    first = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "2", "--save_steps", "1",
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+    )  # fmt: skip
+    assert main(first) == 0
+    # Killed while writing checkpoint-2: resuming must skip it and use checkpoint-1.
+    (output_dir / "checkpoint-2" / "trainer_state.json").unlink()
+
+    second = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "3", "--save_steps", "1",
+        "--learning_rate", "2e-3", "--lr_scheduler_type", "constant", *resume_flags,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="incomplete checkpoint .*checkpoint-2"):
+        assert main(second) == 0
+
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    learning_rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"]
+                      if "learning_rate" in entry}  # fmt: skip
+    # Resumed: the optimizer and scheduler come back from checkpoint-1 with the first run's
+    # learning rate, and steps 2-3 are retrained. A fresh start would log 2e-3 at every step.
+    assert learning_rates == {1: 1e-3, 2: 1e-3, 3: 1e-3}
+
+
+def test_resume_without_a_checkpoint_fails_before_loading(tmp_path, saved_models):
+    argv = _short_run_argv(tmp_path, saved_models, tmp_path / "new", "--resume_from_checkpoint")
+    with pytest.raises(ValueError, match="no complete `checkpoint-<step>`"):
+        main(argv)
+
+
+# ----------------------------------------------------------------------------- --push_to_hub
+
+
+def test_push_to_hub_without_network_fails_before_training(tmp_path, saved_models, hub_http):
+    hub_http(hub_no_network)
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "1",
+        "--push_to_hub", "true", "--hub_model_id", "acme/student",
+    )  # fmt: skip
+    with pytest.raises(HubAccessError) as error:
+        main(argv)
+    assert "Hugging Face Hub" in str(error.value) and "--push_to_hub" in str(error.value)
+    assert not (output_dir / "model.safetensors").exists()  # nothing was trained
+
+
+def test_a_failed_upload_keeps_the_report_and_says_how_to_retry(
+    tmp_path, saved_models, hub_http, capsys
+):
+    hub_http(hub_whoami("write", create_repo=True))  # the repo exists, then the network drops
+    Dataset.from_list(_rows(3)).to_json(tmp_path / "test.jsonl")
+    output_dir = tmp_path / "out"
+    argv = _short_run_argv(
+        tmp_path, saved_models, output_dir, "--max_steps", "2", "--save_strategy", "no",
+        "--dataset_test_file", str(tmp_path / "test.jsonl"),
+        "--rouge_l_eval", "--rouge_l_seeds", "0", "--rouge_l_max_new_tokens", "2",
+        "--push_to_hub", "true", "--hub_model_id", "acme/student",
+    )  # fmt: skip
+
+    assert main(argv) == 1
+
+    for name in ("report.json", "report.md", "loss_curve.png", "model.safetensors", "README.md"):
+        assert (output_dir / name).is_file(), name
+    error = capsys.readouterr().err
+    assert "Name or service not known" in error and "Nothing was lost" in error
+    assert f"hf upload acme/student {output_dir} . --exclude 'checkpoint-*'" in error
 
 
 # ----------------------------------------------------------------------------- README
@@ -352,6 +443,31 @@ def test_example_configs_parse_into_the_paper_objective(config_name):
     assert script_args.rouge_l_num_prompts is None
     assert script_args.dataset_name.endswith("train.jsonl")
     assert model_args.model_name_or_path
+
+
+def test_the_gpt2_recipe_uses_the_authors_lr_and_keeps_the_best_rouge_l_checkpoint():
+    config = REPO_ROOT / "examples" / "gpt2-xl_to_gpt2_dolly.yaml"
+    _, training_args, _, _, _ = parse_args(["--config", str(config), *CPU_FLAGS])
+    assert training_args.learning_rate == 5e-4
+    assert training_args.eval_strategy == "epoch" and training_args.save_strategy == "epoch"
+    # Trainer prefixes "eval_": RougeLCallback's eval_rouge_l is what it compares.
+    assert training_args.metric_for_best_model == "rouge_l"
+    assert training_args.greater_is_better and training_args.load_best_model_at_end
+
+
+@pytest.mark.parametrize(
+    "config_name", ["gpt2-xl_to_gpt2_dolly.yaml", "qwen2.5-7b_to_0.5b_zero3.yaml"]
+)
+def test_a_bf16_recipe_on_a_cpu_says_what_to_change(config_name):
+    argv = ["--config", str(REPO_ROOT / "examples" / config_name)]
+    if is_torch_bf16_gpu_available():  # a bf16 GPU: the recipe parses as it is
+        assert parse_args(argv)[1].bf16
+        return
+    with pytest.raises(ValueError) as error:
+        parse_args(argv)
+    message = str(error.value)
+    assert "--use_cpu true --bf16 false" in message and "--dtype float32" in message
+    assert "teacher_model_init_kwargs" in message
 
 
 # ----------------------------------------------------------------------------- launchers

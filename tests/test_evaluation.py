@@ -367,3 +367,38 @@ def test_rouge_l_callback_needs_a_teacher_for_teacher_metrics(tmp_path):
         RougeLCallback(trainer, ["a"], ["b"], evaluate_teacher=True)
     with pytest.raises(ValueError, match="1 prompts but 2 references"):
         RougeLCallback(trainer, ["a"], ["b", "c"])
+
+
+def test_rouge_l_reaches_the_metrics_trainer_selects_the_best_checkpoint_from(tmp_path):
+    prompts, references = prompts_and_references(build_prompt_completion_dataset(2))
+    trainer = build_abkd_trainer(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        eval_dataset=build_prompt_completion_dataset(2),
+        metric_for_best_model="rouge_l",
+        greater_is_better=True,
+        load_best_model_at_end=True,
+    )
+    callback = RougeLCallback(trainer, prompts, references, seeds=(0,), max_new_tokens=3)
+    trainer.add_callback(callback)
+    trainer.train()  # Trainer raises KeyError if `eval_rouge_l` is not in the eval metrics
+
+    scores = {point["step"]: point["rouge_l"] for point in callback.history}
+    assert sorted(scores) == [1, 2, 3]
+    best_step = max(scores, key=lambda step: (scores[step], -step))  # first of equal scores
+    assert trainer.state.best_metric == scores[best_step]
+    assert trainer.state.best_global_step == best_step
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
+
+
+def test_on_evaluate_adds_the_score_to_the_metrics_dict(tmp_path):
+    prompts, references = prompts_and_references(build_prompt_completion_dataset(2))
+    trainer = build_abkd_trainer(tmp_path)
+    callback = RougeLCallback(trainer, prompts, references, seeds=(0,), max_new_tokens=2)
+    metrics = {"eval_loss": 1.0}
+    callback.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics)
+    assert metrics["eval_rouge_l"] == callback.history[-1]["rouge_l"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.evaluation import RougeLResult
@@ -12,6 +13,7 @@ from abkd_trainer.report import (
     LOSS_CURVE_PNG,
     REPORT_JSON,
     REPORT_MD,
+    environment_info,
     format_comparison_table,
     make_report,
     plot_loss_curve,
@@ -91,6 +93,37 @@ def test_make_report_has_the_required_layout(training_args):
     assert training["global_step"] == 10 and training["final_train_loss"] == 2.0
     assert training["wall_time_s"] == 12.3
     json.dumps(report)  # serialisable as is
+
+
+def test_the_report_records_versions_threads_and_device(training_args, tmp_path):
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    from abkd_trainer import __version__
+
+    environment = _report(training_args)["environment"]
+    assert environment["abkd_trainer"] == __version__
+    assert environment["torch"] == torch.__version__
+    assert environment["transformers"] == transformers.__version__
+    assert environment["trl"] == trl.__version__
+    assert environment["datasets"] == datasets.__version__
+    assert environment["torch_num_threads"] == torch.get_num_threads()
+    assert environment["device"].startswith("cpu (") and environment["num_processes"] == 1
+    write_report(_report(training_args), LOG_HISTORY, tmp_path)
+    markdown = (tmp_path / REPORT_MD).read_text()
+    assert f"| torch_num_threads | {torch.get_num_threads()} |" in markdown
+
+
+def test_environment_info_follows_the_thread_count():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert environment_info("cpu", num_processes=2)["torch_num_threads"] == 3
+    finally:
+        torch.set_num_threads(previous)
+    assert environment_info("cpu", num_processes=2)["num_processes"] == 2
 
 
 def test_make_report_leaves_out_rows_that_were_not_evaluated(training_args):

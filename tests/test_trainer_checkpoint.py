@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,52 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path):
         assert observed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
     alphas = [log["alpha"] for log in resumed.state.log_history if "alpha" in log]
     assert alphas == pytest.approx([0.2 + 0.7 * k / 6 for k in range(6)])
+
+
+def test_resume_true_skips_an_incomplete_checkpoint(tmp_path):
+    uninterrupted = fresh_trainer(tmp_path / "full")
+    uninterrupted.train()
+    expected = losses_by_step(uninterrupted)
+    # The run was killed while writing its second checkpoint: no trainer_state.json.
+    (tmp_path / "full" / "checkpoint-6" / "trainer_state.json").unlink()
+
+    resumed = fresh_trainer(tmp_path / "full")
+    with pytest.warns(UserWarning, match="incomplete checkpoint .*checkpoint-6"):
+        resumed.train(resume_from_checkpoint=True)
+
+    assert resumed.state.global_step == 6
+    observed = losses_by_step(resumed)
+    for step in (4, 5, 6):
+        assert observed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+
+
+def test_training_afresh_in_a_used_output_dir_warns_once(tmp_path):
+    build_abkd_trainer(tmp_path, save_strategy="steps", save_steps=2).train()
+    assert (tmp_path / "checkpoint-2").is_dir()
+
+    second = build_abkd_trainer(tmp_path, save_strategy="no")
+    with pytest.warns(UserWarning, match="already holds an earlier run .*checkpoint-2") as record:
+        second.train()
+    assert sum("earlier run" in str(warning.message) for warning in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        second.train()  # warned once already
+
+
+def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
+    build_abkd_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2).train()
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build_abkd_trainer(
+            tmp_path, max_steps=2, save_strategy="steps", save_steps=2, overwrite_output_dir=True
+        ).train()
+
+    # Only the new run's checkpoint is left, so resuming "from the latest" finds the new run.
+    assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 2

@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import transformers.trainer
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from testing_utils import build_abkd_trainer, build_student_and_teacher, build_tiny_tokenizer
+from testing_utils import (
+    build_abkd_trainer,
+    build_prompt_completion_dataset,
+    build_student_and_teacher,
+    build_tiny_tokenizer,
+)
+
+from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
 
 REQUIRED_TAGS = {"abkd", "knowledge-distillation", "trl"}
 
@@ -124,3 +132,77 @@ def test_model_card_of_a_hub_student_keeps_its_base_model(tmp_path):
         "fine-tuned version of [acme/student-0.5b](https://huggingface.co/acme/student-0.5b)"
         in text
     )
+
+
+def test_model_card_names_a_local_teacher_by_its_folder_not_its_path(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("qwen2", tokenizer)
+    teacher_dir = tmp_path / "models" / "my-teacher"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    trainer = build_abkd_trainer(
+        tmp_path / "run", tokenizer=tokenizer, student=student, teacher=str(teacher_dir)
+    )
+    trainer.create_model_card()
+    text = ModelCard.load(tmp_path / "run" / "README.md").text
+    assert "| Teacher | my-teacher |" in text
+    assert str(teacher_dir) not in text
+
+
+def test_model_card_of_a_teacher_from_the_hub_cache_names_its_hub_id(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("qwen2", tokenizer)
+    teacher.config._name_or_path = "/cache/hub/models--acme--teacher-7b/snapshots/0123abc"
+    trainer = build_abkd_trainer(tmp_path, tokenizer=tokenizer, student=student, teacher=teacher)
+    trainer.create_model_card()
+    assert "| Teacher | acme/teacher-7b |" in ModelCard.load(tmp_path / "README.md").text
+
+
+def test_model_card_carries_the_rouge_l_evaluation_as_model_index(tmp_path, monkeypatch):
+    trainer = distilled_trainer(tmp_path / "run", hub_model_id="acme/abkd-student")
+    prompts, references = prompts_and_references(build_prompt_completion_dataset(2))
+    rouge = RougeLCallback(
+        trainer,
+        prompts,
+        references,
+        seeds=(0, 1),
+        max_new_tokens=3,
+        evaluate_at_train_boundaries=True,
+        dataset_name="/data/dolly/test.jsonl",
+        dataset_split="test",
+    )
+    trainer.add_callback(rouge)
+    trainer.train()
+    trainer.save_model()
+
+    def eval_result(card_path):
+        card = ModelCard.load(card_path)
+        (result,) = card.data.eval_results
+        return card, result
+
+    card, result = eval_result(tmp_path / "run" / "README.md")
+    assert card.data.model_name == "run"
+    assert result.metric_name == "ROUGE-L" and result.metric_type == "rouge"
+    assert result.metric_value == pytest.approx(rouge.results["student_after"].rouge_l, abs=1e-4)
+    assert (result.dataset_name, result.dataset_type, result.dataset_split) == (
+        "test.jsonl",
+        "local",
+        "test",
+    )
+    assert result.metric_args["seeds"] == [0, 1]
+    assert_abkd_card(tmp_path / "run" / "README.md", alpha="0.3", beta="0.6")
+
+    # push_to_hub writes the card again: the evaluation stays in what is uploaded.
+    api = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    trainer.push_to_hub()
+    (upload,) = api.uploads
+    uploaded = tmp_path / "uploaded.md"
+    uploaded.write_bytes(upload["files"]["README.md"])
+    assert eval_result(uploaded)[1].metric_value == result.metric_value
+
+
+def test_model_card_without_an_evaluation_has_no_model_index(tmp_path):
+    trainer = distilled_trainer(tmp_path)
+    trainer.create_model_card()
+    assert not ModelCard.load(tmp_path / "README.md").data.eval_results

@@ -9,6 +9,7 @@ Names in this module are imported by the tests of several sub-packages: keep the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -386,3 +387,35 @@ def reference_distillation_sums(
     for model, was_training in modes:
         model.train(was_training)
     return sums
+
+
+# ----------------------------------------------------------------------------- Hub HTTP handlers
+# For the `hub_http` fixture (conftest.py): functions from an httpx request to a response.
+
+
+def hub_no_network(request: Any) -> Any:
+    """No network: every request fails as a DNS lookup without a network does."""
+    import httpx2
+
+    raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+
+def hub_whoami(role: str = "write", *, create_repo: bool = False) -> Any:
+    """A Hub that answers ``whoami`` (a token with ``role``) and, optionally, ``create_repo``;
+    every other request (the upload) fails like :func:`hub_no_network`."""
+    import httpx2
+
+    def handler(request: Any) -> Any:
+        if request.url.path == "/api/whoami-v2":
+            return httpx2.Response(
+                200, json={"name": "tester", "auth": {"accessToken": {"role": role}}}
+            )
+        if create_repo and request.url.path == "/api/repos/create":
+            name = json.loads(request.content)["name"]
+            organization = json.loads(request.content).get("organization") or "tester"
+            return httpx2.Response(
+                200, json={"url": f"https://huggingface.co/{organization}/{name}"}
+            )
+        return hub_no_network(request)
+
+    return handler
