@@ -85,7 +85,6 @@ LOG_PROB_DTYPES: dict[str, tuple[str, torch.dtype]] = {
 }
 _CACHE_COLUMNS = ("topk_ids", "topk_log_probs", "tail_log_prob")
 DEFAULT_SHARD_SIZE = 1024
-_SPLITS = ("train", "eval")
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -539,7 +538,7 @@ class _Writer:
                 _project_into(logits, tile.to(weight.dtype), weight, tile_bias)
                 parts.append(CachedTeacher.from_logits(self.transform.apply_(logits), self.top_k))
         rows = _concat(parts, self.top_k, hidden.device)
-        return rows_per_example(rows, targets, examples, batch)
+        return _rows_per_example(rows, targets, examples, batch)
 
     def _forward(self, function: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
         # Through the wrapper's forward, so that a ZeRO-3 teacher gathers its layers (as the
@@ -591,7 +590,7 @@ def _concat(parts: list[CachedTeacher], top_k: int, device: torch.device) -> Cac
     )
 
 
-def rows_per_example(
+def _rows_per_example(
     rows: CachedTeacher,
     targets: torch.Tensor,
     examples: list[dict[str, Any]],
