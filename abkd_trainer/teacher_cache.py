@@ -110,22 +110,33 @@ def prepared_dataset_fingerprint(dataset: Dataset, batch_size: int = 4096) -> st
     supervised mask, so cached positions line up; any change in data, tokenizer, chat template,
     truncation, packing, loss masks or shuffling seed changes it.
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     columns = [
         name for name in ("input_ids", "labels", "seq_lengths") if name in dataset.column_names
     ]
-    digest = hashlib.sha256(json.dumps([columns, len(dataset)]).encode())
+    # One stream per column and nesting level, so that the result does not depend on how the
+    # rows are batched here.
+    streams: dict[str, Any] = {}
+
+    def update(key: str, values: Any) -> None:
+        streams.setdefault(key, hashlib.sha256()).update(
+            np.asarray(values, dtype=np.int64).tobytes()
+        )
+
     arrow = dataset.select_columns(columns).with_format("arrow")
     for start in range(0, len(dataset), batch_size):
         table = arrow[start : start + batch_size]
         for name in columns:
-            column = table.column(name)
-            digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
-            flat = pc.list_flatten(column)
-            while isinstance(flat.type, type(column.type)) and hasattr(flat.type, "value_type"):
-                flat = pc.list_flatten(flat)  # seq_lengths of packed rows: list of lists
-            digest.update(np.asarray(flat, dtype=np.int64).tobytes())
+            values, level = table.column(name), 0
+            while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+                update(f"{name}/lengths{level}", pc.list_value_length(values))
+                values, level = pc.list_flatten(values), level + 1
+            update(f"{name}/values", values)
+    digest = hashlib.sha256(json.dumps([columns, len(dataset)]).encode())
+    for key in sorted(streams):
+        digest.update(f"{key}:{streams[key].hexdigest()}".encode())
     return digest.hexdigest()
 
 

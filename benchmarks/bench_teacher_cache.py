@@ -248,6 +248,7 @@ def run_rouge(top_ks: list[int], seeds: list[int], max_steps: int, workdir: Path
     """The demo, live and from each cache, per training seed; ROUGE-L after training."""
     runs: list[dict] = []
     common = ["--max_steps", str(max_steps), "--eval_strategy", "no", "--disable_tqdm", "true"]
+    # Caches and runs already in ``workdir`` are reused (an interrupted benchmark resumes).
     for top_k in top_ks:
         cache = workdir / f"demo-cache-top{top_k}"
         _cli(["abkd_trainer.cache_cli", "--top_k", str(top_k), "--output_dir", str(cache)])
@@ -258,8 +259,9 @@ def run_rouge(top_ks: list[int], seeds: list[int], max_steps: int, workdir: Path
         ]:
             output = workdir / f"demo-{label.replace(' ', '-')}-seed{seed}"
             start = time.perf_counter()
-            _cli(["abkd_trainer", "--output_dir", str(output), "--seed", str(seed),
-                  *common, *extra])  # fmt: skip
+            if not (output / "report.json").is_file():
+                _cli(["abkd_trainer", "--output_dir", str(output), "--seed", str(seed),
+                      "--overwrite_output_dir", "true", *common, *extra])  # fmt: skip
             report = json.loads((output / "report.json").read_text())
             runs.append({
                 "run": label, "seed": seed, "wall_s": time.perf_counter() - start,
