@@ -31,11 +31,13 @@ _LAZY_EXPORTS: dict[str, str] = {
     "ABKDTrainer": "abkd_trainer.trainer",
     "rouge_l_evaluate": "abkd_trainer.evaluation",
     "RougeLCallback": "abkd_trainer.evaluation",
+    "CollapseGuardCallback": "abkd_trainer.collapse_guard",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from abkd_trainer.collapse_guard import CollapseGuardCallback
     from abkd_trainer.config import ABKDConfig
     from abkd_trainer.divergences import (
         DIVERGENCE_NAMES,

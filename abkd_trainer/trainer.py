@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import textwrap
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
     AutoTokenizer,
     DataCollator,
@@ -36,20 +37,26 @@ from trl.trainer.utils import (
 )
 
 from abkd_trainer.checkpoints import prepare_output_dir
+from abkd_trainer.collapse_guard import CollapseGuardCallback
+from abkd_trainer.compatibility import check_position_limits
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.coarsened import (
     CachedTeacher,
     coarsened_divergence,
+    coarsened_token_statistics,
     fused_linear_coarsened_divergence,
 )
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
+from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
+from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
 from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
 
 logger = get_logger(__name__)
 
@@ -62,8 +69,19 @@ _DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
     "sfkl": {"skew_lambda": "skew_lambda"},
     "srkl": {"skew_lambda": "skew_lambda"},
 }
-# Per-mode running sums behind the logged averages, in this order.
-_METRIC_SUMS = ("kd_loss", "ce_loss", "teacher_agreement", "num_supervised")
+# Per-mode running sums behind the logged metrics, in this order: per-supervised-token sums (logged
+# as their mean over the supervised tokens of the logging period), then the two token counts.
+_METRIC_SUMS = (
+    "kd_loss",
+    "ce_loss",
+    "teacher_agreement",
+    "student_entropy",
+    "teacher_entropy",
+    "mean_token_accuracy",
+    "num_supervised",
+    "num_input_tokens",
+)
+_TOKEN_AVERAGED_METRICS = _METRIC_SUMS[:-2]
 
 
 def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
@@ -96,13 +114,19 @@ class ABKDTrainer(SFTTrainer):
             (``self.teacher_model`` is None; see :mod:`abkd_trainer.teacher_cache`).
         args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
-        optimizers, preprocess_logits_for_metrics, peft_config, formatting_func: as in
-            [`SFTTrainer`] / TRL's ``GKDTrainer``.
+        optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
+        peft_config, formatting_func: as in [`SFTTrainer`] (``quantization_config`` applies to a
+            student given by name, e.g. QLoRA with a ``peft_config``).
+        compute_loss_func: accepted for signature compatibility with [`SFTTrainer`] but must be
+            None: the loss is the distillation objective configured in [`ABKDConfig`].
 
     The prepared teacher is ``self.teacher_model``: frozen, in eval mode, on the student's device,
     never in the optimizer or a checkpoint. Logged per train/eval period, as token-weighted averages
     over accumulation steps and processes: ``kd_loss``, ``ce_loss``, ``teacher_agreement`` (top-1
-    agreement) and, for ``divergence="ab"``, the current ``alpha`` and ``beta``.
+    agreement), ``student_entropy`` and ``teacher_entropy`` (nats, temperature 1), and, for
+    ``divergence="ab"``, the current ``alpha`` and ``beta``. SFTTrainer's ``entropy`` (the same
+    value as ``student_entropy``), ``mean_token_accuracy`` and ``num_tokens`` are logged too, from
+    the same pass (see the README's "Logged metrics").
     """
 
     _tag_names = ["trl", "abkd", "knowledge-distillation"]
@@ -137,19 +161,32 @@ class ABKDTrainer(SFTTrainer):
         train_dataset: Dataset | IterableDataset | None = None,
         eval_dataset: Dataset
         | IterableDataset
+        | DatasetDict
+        | IterableDatasetDict
         | dict[str, Dataset | IterableDataset]
         | None = None,
         processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[
             torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None
         ] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
         formatting_func: Callable[[dict], str] | None = None,
     ) -> None:
+        if compute_loss_func is not None:
+            raise ValueError(
+                "ABKDTrainer does not take `compute_loss_func`: its loss is the distillation "
+                "objective set by ABKDConfig (`divergence`, `alpha`, `beta`, `temperature`, "
+                "`kd_ratio`), computed from both models' outputs, which a function of the "
+                "student's outputs alone cannot see. Subclass ABKDTrainer and override "
+                "`compute_loss` to change it."
+            )
         args = _as_abkd_config(args, model)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
@@ -182,7 +219,9 @@ class ABKDTrainer(SFTTrainer):
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
@@ -210,6 +249,12 @@ class ABKDTrainer(SFTTrainer):
         # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
         self.vocab_size = len(self._tokenizer)
         self._check_vocabularies(teacher_model, teacher_source)
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        check_position_limits(
+            args.max_length,
+            {role: model for role, model in models.items() if model is not None},
+            packing=args.packing,
+        )
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
@@ -219,6 +264,11 @@ class ABKDTrainer(SFTTrainer):
         self.divergence_fn = get_divergence(args.divergence)
         if args.use_fused_loss:
             self._check_fused_loss_support(teacher_model)
+        # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
+        # per-step checks in compute_loss are the only ones (and the config-based logit transform
+        # is trusted, as TRL's fused heads do).
+        if not is_deepspeed_zero3_enabled():
+            self._check_startup_outputs(teacher_model)
         # The fused loss calls both backbones directly; routing those calls through the wrappers'
         # forward (DDP, DeepSpeed) keeps their hooks, e.g. ZeRO-3's gathering and gradient
         # reduction, working. TRL's DistillationTrainer does the same.
@@ -232,6 +282,9 @@ class ABKDTrainer(SFTTrainer):
         }
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        # Warns once if the logged entropies show a collapse (a user-configured one is kept).
+        if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(CollapseGuardCallback())
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -341,11 +394,28 @@ class ABKDTrainer(SFTTrainer):
         self._logit_transforms = {
             who: LogitTransform.from_config(model.config) for who, model in models.items()
         }
-        # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
-        # config-based transform is trusted, as TRL's fused heads do.
-        if not is_deepspeed_zero3_enabled():
-            for who, model in models.items():
-                _verify_fused_logits(who, model, self._logit_transforms[who])
+
+    def _check_startup_outputs(self, teacher_model: nn.Module | None) -> None:
+        """Run each model on a few tokens: refuse non-finite logits and, with ``use_fused_loss``,
+        logits that the fused loss would not rebuild.
+
+        Runs in eval mode under the autocast training uses (accelerate's, for ``bf16`` / ``fp16``),
+        so that both sides of the comparison are computed in the same precision.
+        """
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        for who, causal_lm in models.items():
+            if causal_lm is None:  # training from a teacher cache
+                continue
+            was_training = causal_lm.training
+            causal_lm.eval()
+            try:
+                with self.accelerator.autocast():
+                    if self.args.use_fused_loss:
+                        _verify_fused_logits(who, causal_lm, self._logit_transforms[who])
+                    else:
+                        check_finite_outputs(who, causal_lm)
+            finally:
+                causal_lm.train(was_training)
 
     # ------------------------------------------------------------------ loss
 
@@ -411,19 +481,23 @@ class ABKDTrainer(SFTTrainer):
         )
         if self.args.use_fused_loss and not wants_logits:
             unwrapped_student = self.accelerator.unwrap_model(model)
-            loss, sums = self._forward_redirection(
-                model,
-                unwrapped_student,
-                self._fused_distillation_loss
-                if cached_teacher is None
-                else self._fused_cached_teacher_loss,
-                unwrapped_student,
-                model_inputs,
-                targets,
-                num_items_in_batch,
-                divergence_params,
-                *(() if cached_teacher is None else (cached_teacher,)),
-            )
+            # The redirection swaps out the student's forward, and with it the autocast that
+            # accelerate wrapped around it (bf16 / fp16): restore it for both decoders and the
+            # heads, so that both loss paths compute in the same precision.
+            with self.accelerator.autocast():
+                loss, sums = self._forward_redirection(
+                    model,
+                    unwrapped_student,
+                    self._fused_distillation_loss
+                    if cached_teacher is None
+                    else self._fused_cached_teacher_loss,
+                    unwrapped_student,
+                    model_inputs,
+                    targets,
+                    num_items_in_batch,
+                    divergence_params,
+                    *(() if cached_teacher is None else (cached_teacher,)),
+                )
             student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
         else:
             student_outputs = model(**model_inputs)
@@ -438,9 +512,30 @@ class ABKDTrainer(SFTTrainer):
                 num_items_in_batch,
                 divergence_params,
             )
-        self._metric_sums[mode] += sums.to(self._metric_sums[mode].device)
+        # Before backward and the optimizer step: a NaN must never reach the student's weights.
+        check_finite_step(
+            teacher_entropy_sum=sums["teacher_entropy"],
+            student_entropy_sum=sums["student_entropy"],
+            loss=loss,
+            step=self.state.global_step + int(mode == "train"),
+            training=mode == "train",
+        )
+        if mode == "train":
+            sums["num_input_tokens"] = _input_token_count(inputs)
+        self._add_metric_sums(mode, sums)
         self._last_divergence_params[mode] = divergence_params
         return (loss, student_outputs) if return_outputs else loss
+
+    def _add_metric_sums(self, mode: str, sums: dict[str, torch.Tensor]) -> None:
+        """Add one micro-batch's sums (names from ``_METRIC_SUMS``; missing ones count 0)."""
+        unknown = set(sums) - set(_METRIC_SUMS)
+        if unknown:
+            raise KeyError(f"Unknown metric sums {sorted(unknown)}; add them to _METRIC_SUMS.")
+        totals = self._metric_sums[mode]
+        zero = totals.new_zeros(())
+        totals += torch.stack(
+            [sums[name].detach().to(totals) if name in sums else zero for name in _METRIC_SUMS]
+        )
 
     def _distillation_loss(
         self,
@@ -449,7 +544,7 @@ class ABKDTrainer(SFTTrainer):
         targets: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective from full logits.
 
         Args:
@@ -464,9 +559,8 @@ class ABKDTrainer(SFTTrainer):
             divergence_params: keyword parameters of the divergence, e.g. ``alpha`` and ``beta``.
 
         Returns:
-            ``(loss, sums)``: the scalar loss, and detached fp64 sums over this micro-batch's
-            supervised tokens in ``_METRIC_SUMS`` order (divergence, cross-entropy, top-1
-            agreements, token count).
+            ``(loss, sums)``: the scalar loss, and detached sums over this micro-batch's
+            supervised tokens keyed by ``_METRIC_SUMS`` names.
         """
         # Real vocabulary only: padded rows never appear as targets and must not move the loss.
         # (A no-op view when the widths already match, so the logits stay contiguous and the
@@ -512,15 +606,25 @@ class ABKDTrainer(SFTTrainer):
             objective = objective + (1.0 - self.args.kd_ratio) * ce_sum
         loss = self._normalise(objective, num_local, num_items_in_batch)
 
-        with torch.no_grad():
-            if isinstance(teacher_logits, CachedTeacher):  # the first cached id is the top-1
-                top1 = teacher_logits.topk_ids[:, 0].to(student_logits.device)
-                agreements = student_logits.argmax(-1)[supervised] == top1
-            else:
-                agreements = (student_logits.argmax(-1) == teacher_logits.argmax(-1)) & supervised
-            sums = torch.stack(
-                [kd_sum.detach(), ce_sum.detach(), agreements.sum(), num_local]
-            ).double()
+        # Entropies, agreement and accuracy over the supervised rows, a chunk at a time.
+        statistics = (
+            coarsened_token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+            if isinstance(teacher_logits, CachedTeacher)
+            else token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+        )
+        sums = {
+            "kd_loss": kd_sum,
+            "ce_loss": ce_sum,
+            "teacher_agreement": statistics.teacher_agreement,
+            "student_entropy": statistics.student_entropy,
+            "teacher_entropy": statistics.teacher_entropy,
+            "mean_token_accuracy": statistics.token_accuracy,
+            "num_supervised": num_local,
+        }
         return loss, sums
 
     def _fused_distillation_loss(
@@ -530,13 +634,14 @@ class ABKDTrainer(SFTTrainer):
         targets: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective of :meth:`_distillation_loss` from final hidden states and LM heads.
 
         Runs inside the student wrapper's forward (see ``compute_loss``). Neither model's logits
         are built: :func:`~abkd_trainer.fused_linear_divergence` projects the supervised positions
         a chunk at a time and returns the divergence, the cross-entropy (weighted by ``kd_ratio``
-        into one differentiable sum) and the top-1 agreements of the same pass.
+        into one differentiable sum), the top-1 agreements, token accuracy and both entropies of
+        the same pass.
         """
         student_lm = _causal_lm(student)
         student_hidden = _final_hidden_states(student_lm, model_inputs)
@@ -581,13 +686,15 @@ class ABKDTrainer(SFTTrainer):
                 chunk_size=self.args.loss_chunk_size,
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        parts = (
-            output.divergence,
-            output.cross_entropy,
-            output.teacher_agreement,
-            output.num_tokens,
-        )
-        sums = torch.stack([part.double() for part in parts])
+        sums = {
+            "kd_loss": output.divergence,
+            "ce_loss": output.cross_entropy,
+            "teacher_agreement": output.teacher_agreement,
+            "student_entropy": output.student_entropy,
+            "teacher_entropy": output.teacher_entropy,
+            "mean_token_accuracy": output.token_accuracy,
+            "num_supervised": output.num_tokens,
+        }
         return loss, sums
 
     def _fused_cached_teacher_loss(
@@ -598,7 +705,7 @@ class ABKDTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
         cached_teacher: CachedTeacher,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
         student_lm = _causal_lm(student)
         student_hidden = _final_hidden_states(student_lm, model_inputs)
@@ -623,8 +730,15 @@ class ABKDTrainer(SFTTrainer):
                 chunk_size=self.args.loss_chunk_size,
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        parts = (output.divergence, output.cross_entropy, output.teacher_agreement)
-        sums = torch.stack([*(part.double() for part in parts), output.num_tokens.double()])
+        sums = {
+            "kd_loss": output.divergence,
+            "ce_loss": output.cross_entropy,
+            "teacher_agreement": output.teacher_agreement,
+            "student_entropy": output.student_entropy,
+            "teacher_entropy": output.teacher_entropy,
+            "mean_token_accuracy": output.token_accuracy,
+            "num_supervised": output.num_tokens,
+        }
         return loss, sums
 
     def _normalise(
@@ -652,18 +766,21 @@ class ABKDTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         # Every process calls log() at the same points, so this reduction cannot deadlock.
         sums = self.accelerator.reduce(self._metric_sums[mode], reduction="sum")
-        kd_sum, ce_sum, agreements, num_tokens = sums.tolist()  # read before the reset below
+        totals = dict(zip(_METRIC_SUMS, sums.tolist(), strict=True))  # read before the reset
         self._metric_sums[mode].zero_()
-        if num_tokens > 0:
-            metrics = {
-                "kd_loss": kd_sum / num_tokens,
-                "ce_loss": ce_sum / num_tokens,
-                "teacher_agreement": agreements / num_tokens,
-            }
+        # SFTTrainer's running count of input tokens (padding excluded) over training.
+        self._total_train_tokens += int(totals["num_input_tokens"]) // self._tp_size
+        metrics: dict[str, float] = {}
+        num_supervised = totals["num_supervised"]
+        if num_supervised > 0:
+            metrics = {name: totals[name] / num_supervised for name in _TOKEN_AVERAGED_METRICS}
+            # SFTTrainer's name for the student's entropy (same tokens, temperature 1).
+            metrics["entropy"] = metrics["student_entropy"]
+            metrics["num_tokens"] = self._total_train_tokens
             if self.args.divergence == "ab":
                 metrics.update(self._last_divergence_params[mode])
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ training
@@ -747,6 +864,19 @@ def _next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _input_token_count(inputs: dict[str, Any]) -> torch.Tensor:
+    """Input tokens of a batch, padding excluded, as SFTTrainer counts them for ``num_tokens``.
+
+    ``attention_mask.sum()``, or the packed length of a padding-free batch (``position_ids`` of
+    shape ``(1, N)`` and no attention mask).
+    """
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    if "position_ids" in inputs:
+        return torch.tensor(inputs["position_ids"].shape[1], device=inputs["position_ids"].device)
+    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers causal LM inside ``model`` (a PEFT model's base, with its adapters)."""
     return model.get_base_model() if is_peft_model(model) else model
@@ -767,25 +897,29 @@ def _verify_fused_logits(who: str, causal_lm: nn.Module, transform: LogitTransfo
 
     The fused loss rebuilds the logits from the decoder's output and the head's weights; a model
     whose forward does something else to them (an unknown scaling, a second head) would silently
-    train on another objective. One short forward of each kind, in eval mode, settles it.
+    train on another objective. One short forward of each kind settles it. Call it in eval mode
+    and under the autocast of training: both sides then round the same way (under bf16 autocast
+    the LM head's GEMM runs in bf16 on both), so the comparison is like with like.
+    Non-finite logits are refused first (``nan > tolerance`` would be False).
     """
-    input_ids = torch.arange(min(4, causal_lm.config.get_text_config().vocab_size)).unsqueeze(0)
-    input_ids = input_ids.to(causal_lm.device)
-    was_training = causal_lm.training
-    causal_lm.eval()
-    try:
-        logits = causal_lm(input_ids=input_ids, use_cache=False).logits.float()
-        hidden = _final_hidden_states(causal_lm, {"input_ids": input_ids, "use_cache": False})
-        head = causal_lm.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        rebuilt = transform.apply_(F.linear(hidden, head.weight, bias).float())
-    finally:
-        causal_lm.train(was_training)
-    # A 16-bit model's logits are rounded; a missed transform is off by far more than that.
-    tolerance = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 3e-2
-    error = (logits - rebuilt).abs().max().item()
+    input_ids = probe_input_ids(causal_lm)
+    logits = causal_lm(input_ids=input_ids, use_cache=False).logits
+    check_finite_outputs(who, causal_lm, logits)
+    hidden = _final_hidden_states(causal_lm, {"input_ids": input_ids, "use_cache": False})
+    head = causal_lm.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    rebuilt = transform.apply_(F.linear(hidden, head.weight, bias).float())
+    logits = logits.float()
+    # 16-bit logits are rounded (bf16: 8 significant bits); a missed transform is off by far more.
+    device_type = hidden.device.type
+    half_precision = hidden.dtype in (torch.float16, torch.bfloat16) or (
+        torch.is_autocast_enabled(device_type)
+        and torch.get_autocast_dtype(device_type) in (torch.float16, torch.bfloat16)
+    )
+    tolerance = 3e-2 if half_precision else 1e-4
+    error = (logits - rebuilt).abs().max().item() if logits.shape == rebuilt.shape else math.inf
     scale = max(1.0, logits.abs().max().item())
-    if logits.shape != rebuilt.shape or error > tolerance * scale:
+    if not error <= tolerance * scale:
         raise ValueError(
             f"`use_fused_loss=True` rebuilds the {who}'s logits as lm_head(decoder output) with "
             f"logit scale {transform.scale} and soft-cap {transform.softcap}, but this "

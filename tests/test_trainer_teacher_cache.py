@@ -116,7 +116,8 @@ def test_full_vocabulary_cache_equals_the_live_teacher(tmp_path, dataset_format,
     cached.model.zero_grad()
     live.train()
     cached.train()
-    keys = ("loss", "kd_loss", "ce_loss", "teacher_agreement", "grad_norm")
+    keys = ("loss", "kd_loss", "ce_loss", "teacher_agreement", "grad_norm", "student_entropy",
+            "teacher_entropy", "mean_token_accuracy")  # fmt: skip
     live_logs = [log for log in live.state.log_history if "kd_loss" in log]
     cached_logs = [log for log in cached.state.log_history if "kd_loss" in log]
     assert len(live_logs) == len(cached_logs) == 3

@@ -27,6 +27,9 @@ from transformers import (
 )
 
 SUPPORTED_ARCHS: tuple[str, ...] = ("qwen2", "llama", "gpt2")
+# Positions of the tiny models: SFTConfig's default `max_length` (1024), which ABKDTrainer checks
+# against every model's position limit.
+TINY_POSITION_LIMIT = 1024
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -116,7 +119,7 @@ def _tiny_config(
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
-            n_positions=512,
+            n_positions=TINY_POSITION_LIMIT,
             n_embd=hidden_size,
             n_layer=num_layers,
             n_head=num_heads,
@@ -131,7 +134,7 @@ def _tiny_config(
         "num_attention_heads": num_heads,
         # Grouped-query attention, as in the real checkpoints, when the head count allows it.
         "num_key_value_heads": max(1, num_heads // 2),
-        "max_position_embeddings": 512,
+        "max_position_embeddings": TINY_POSITION_LIMIT,
         "initializer_range": initializer_range,
         **special_ids,
     }
@@ -362,9 +365,12 @@ def reference_distillation_sums(
     ``supervised_targets[i][j]`` says whether token ``j`` of sequence ``i`` is a target, i.e.
     whether the prediction made at position ``j - 1`` counts. Logits are cut to ``vocab_size``.
     Returns ``{"kd": sum of divergences, "ce": sum of cross-entropies, "agree": top-1 matches,
-    "count": supervised tokens}``.
+    "student_entropy" / "teacher_entropy": sums of -sum_k p_k log p_k (temperature 1),
+    "correct": student top-1 == target, "count": supervised tokens}``.
     """
-    sums = {"kd": 0.0, "ce": 0.0, "agree": 0.0, "count": 0.0}
+    sums = dict.fromkeys(
+        ("kd", "ce", "agree", "student_entropy", "teacher_entropy", "correct", "count"), 0.0
+    )
     # Deterministic forwards (no dropout), leaving the models in the mode they came in.
     modes = [(model, model.training) for model in (student, teacher)]
     student.eval()
@@ -380,6 +386,12 @@ def reference_distillation_sums(
         )
         ce = -student_logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
         agree = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+        correct = student_logits.argmax(-1) == next_tokens
+        for who, logits in (("student", student_logits), ("teacher", teacher_logits)):
+            probs = logits.softmax(-1)
+            entropy = -(probs * probs.log()).sum(-1)  # textbook form; no zero probabilities here
+            sums[f"{who}_entropy"] += entropy[counted].sum().item()
+        sums["correct"] += correct[counted].sum().item()
         sums["kd"] += kd[counted].sum().item()
         sums["ce"] += ce[counted].sum().item()
         sums["agree"] += agree[counted].sum().item()

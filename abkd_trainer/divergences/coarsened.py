@@ -42,6 +42,7 @@ from abkd_trainer.divergences.chunked import (
     rowwise_loss_and_grad,
 )
 from abkd_trainer.divergences.fused_linear import (
+    _PER_ROW_FIELDS,
     IGNORE_INDEX,
     FusedLinearDistillationOutput,
     LogitTransform,
@@ -57,15 +58,20 @@ from abkd_trainer.divergences.fused_linear import (
     default_fused_chunk_size,
 )
 from abkd_trainer.divergences.pointwise import PointwiseDivergence
+from abkd_trainer.divergences.statistics import TokenStatistics, log_probs_and_entropy
 
 __all__ = [
     "CachedTeacher",
+    "cached_row_statistics",
     "coarsened_divergence",
+    "coarsened_token_statistics",
     "coarsened_rowwise_loss_and_grad",
     "fused_linear_coarsened_divergence",
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
+# The statistics among the fused kernel's per-row fields, in their order there.
+_STATISTICS = ("teacher_agreement", "student_entropy", "teacher_entropy", "token_accuracy")
 
 
 @dataclass(frozen=True)
@@ -354,6 +360,65 @@ def coarsened_divergence(
     return _reduce(row_losses, rows, position_shape, reduction)
 
 
+def cached_row_statistics(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_bucket_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    student_entropy: torch.Tensor | None = None,
+) -> TokenStatistics:
+    """Per-row :class:`~abkd_trainer.divergences.statistics.TokenStatistics` against a cache.
+
+    As ``statistics.row_statistics``, except that the teacher's entropy is that of its coarsened
+    distribution (the ``k + 1`` buckets; the full entropy when ``k`` covers the vocabulary, a
+    lower bound otherwise) and its top-1 token is the first cached id.
+    """
+    if student_entropy is None:
+        student_entropy = log_probs_and_entropy(student_logits)[2]
+    teacher_entropy = log_probs_and_entropy(teacher_bucket_log_probs)[2].to(student_entropy.dtype)
+    finite = torch.isfinite(student_entropy) & torch.isfinite(teacher_entropy)
+    student_top1 = student_logits.argmax(-1)
+    agreement = (student_top1 == topk_ids[:, 0]) & finite
+    accuracy = (student_top1 == labels) & torch.isfinite(student_entropy)
+    return TokenStatistics(
+        student_entropy=student_entropy,
+        teacher_entropy=teacher_entropy,
+        teacher_agreement=agreement.to(student_entropy.dtype),
+        token_accuracy=accuracy.to(student_entropy.dtype),
+    )
+
+
+@torch.no_grad()
+def coarsened_token_statistics(
+    student_logits: torch.Tensor,
+    teacher: CachedTeacher,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> TokenStatistics:
+    """Sums of :func:`cached_row_statistics` over the ``mask``-true positions, whose cached rows
+    ``teacher`` holds in order; ``(..., V)`` logits, ``(...)`` targets and mask."""
+    vocab = student_logits.shape[-1]
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    student_2d = student_logits.reshape(-1, vocab)
+    targets_1d = targets.reshape(-1)
+    teacher = teacher.to(student_logits.device)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    sums = torch.zeros(len(TokenStatistics._fields), dtype=dtype, device=student_logits.device)
+    chunk_size = chunk_size or default_chunk_size(vocab, student_logits.device)
+    for start in range(0, rows.numel(), chunk_size):
+        index = rows[start : start + chunk_size]
+        cached = teacher.select(slice(start, start + chunk_size))
+        statistics = cached_row_statistics(
+            student_2d.index_select(0, index),
+            cached.topk_ids.long(),
+            cached.bucket_log_probs(dtype),
+            targets_1d.index_select(0, index),
+        )
+        sums += torch.stack([value.sum() for value in statistics])
+    return TokenStatistics(*sums.unbind())
+
+
 # ----------------------------------------------------------------------------- fused variant
 
 
@@ -380,8 +445,10 @@ def _coarsened_tile(
     labels: torch.Tensor | None,
     spec: _CoarsenedSpec,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Like ``fused_linear._divergence_tile``, against cached buckets instead of teacher logits."""
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """Like ``fused_linear._divergence_tile``, against cached buckets instead of teacher logits:
+    the per-row values in ``_PER_ROW_FIELDS`` order (only the divergence without labels) and the
+    gradient with respect to the student's raw logits."""
     divergence, grad = coarsened_rowwise_loss_and_grad(
         student_logits,
         topk_ids,
@@ -390,22 +457,20 @@ def _coarsened_tile(
         spec.temperature,
         compute_grad=compute_grad and spec.divergence_weight != 0.0,
     )
-    cross_entropy = agreement = None
+    per_row: tuple[torch.Tensor, ...] = (divergence,)
     if spec.with_labels:
-        agreement = (student_logits.argmax(-1) == topk_ids[:, 0]).to(divergence.dtype)
-        cross_entropy, grad = _cross_entropy_and_grad(
+        cross_entropy, student_entropy, grad = _cross_entropy_and_grad(
             student_logits, labels, grad, spec, compute_grad
         )
+        statistics = cached_row_statistics(
+            student_logits, topk_ids, teacher_buckets, labels, student_entropy
+        )
+        per_row = (divergence, cross_entropy, *(getattr(statistics, f) for f in _STATISTICS))
     if not compute_grad:
-        return divergence, cross_entropy, agreement, None
+        return per_row, None
     if grad is None:
         grad = torch.zeros_like(student_logits)
-    return (
-        divergence,
-        cross_entropy,
-        agreement,
-        spec.student_transform.grad_to_raw_(grad, student_logits),
-    )
+    return per_row, spec.student_transform.grad_to_raw_(grad, student_logits)
 
 
 def _walk_coarsened_tiles(
@@ -421,7 +486,8 @@ def _walk_coarsened_tiles(
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """Project ``chunk_size`` rows at a time into one fp32 buffer, evaluate small sub-tiles.
 
-    Returns the per-row ``(divergence[, cross_entropy, agreement])`` and the gradients of
+    Returns the per-row values (``_PER_ROW_FIELDS``, only the divergence without labels) and the
+    gradients of
     ``sum_i r_i loss_i`` (``r = row_grad_weights``, 1 if None) for the student's hidden states,
     head weight and bias, as ``fused_linear`` does for a live teacher.
     """
@@ -432,9 +498,10 @@ def _walk_coarsened_tiles(
         head_bias = None if student_bias is None else student_bias[:vocab]
         num_rows = student_hidden.shape[0]
         work_dtype = torch.promote_types(spec.student_dtype, torch.float32)
-        divergence = torch.zeros(num_rows, dtype=work_dtype, device=device)
-        cross_entropy = torch.zeros_like(divergence) if spec.with_labels else None
-        agreement = torch.zeros_like(divergence) if spec.with_labels else None
+        num_fields = len(_PER_ROW_FIELDS) if spec.with_labels else 1
+        per_row = tuple(
+            torch.zeros(num_rows, dtype=work_dtype, device=device) for _ in range(num_fields)
+        )
         compute_grad = any(needs_grad)
         grads = [
             torch.zeros(t.shape, dtype=_accumulator_dtype(t.dtype), device=device)
@@ -455,7 +522,7 @@ def _walk_coarsened_tiles(
             )
             for part in _tiles(rows.stop - rows.start, spec.pointwise_rows):
                 absolute = slice(rows.start + part.start, rows.start + part.stop)
-                part_div, part_ce, part_agree, part_grad = _coarsened_tile(
+                part_values, part_grad = _coarsened_tile(
                     logits[part],
                     topk_ids[absolute],
                     teacher_buckets[absolute],
@@ -463,10 +530,8 @@ def _walk_coarsened_tiles(
                     spec,
                     compute_grad,
                 )
-                divergence[absolute] = part_div
-                if spec.with_labels:
-                    cross_entropy[absolute] = part_ce
-                    agreement[absolute] = part_agree
+                for values, part_value in zip(per_row, part_values, strict=True):
+                    values[absolute] = part_value
                 if part_grad is not None:
                     logits[part] = part_grad  # these logits are spent: keep the gradient here
             if not compute_grad:
@@ -479,7 +544,6 @@ def _walk_coarsened_tiles(
                 _add_product_(grad_weight[:vocab], logits.t(), hidden_tile, spec.student_dtype)
             if grad_bias is not None:
                 grad_bias[:vocab] += logits.sum(dim=0).to(grad_bias.dtype)
-    per_row = (divergence,) if not spec.with_labels else (divergence, cross_entropy, agreement)
     return per_row, (grad_hidden, grad_weight, grad_bias)
 
 
@@ -668,11 +732,9 @@ def fused_linear_coarsened_divergence(
     reduced_loss = reduce(loss, summed=reduction != "none")
     if labels_1d is None:
         return reduced_loss
-    divergence_values, cross_entropy, agreement = details
+    fields = dict(zip(_PER_ROW_FIELDS, details, strict=True))
     return FusedLinearDistillationOutput(
         loss=reduced_loss,
-        divergence=reduce(divergence_values),
-        cross_entropy=reduce(cross_entropy),
-        teacher_agreement=reduce(agreement),
         num_tokens=torch.tensor(hidden_2d.shape[0], dtype=torch.int64, device=device),
+        **{name: reduce(values) for name, values in fields.items()},
     )

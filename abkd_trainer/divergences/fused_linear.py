@@ -13,8 +13,10 @@ tile sizes:
   through :func:`~abkd_trainer.divergences.chunked.rowwise_loss_and_grad`, the routine the
   logits-based functions use, so every registry divergence works and the values are those of
   :func:`~abkd_trainer.divergences.ab_divergence` on materialised logits. The optional
-  cross-entropy on ``labels`` and top-1 teacher agreement are computed here too, and the gradient
-  with respect to the raw logits overwrites the tile's logits in the student buffer;
+  cross-entropy on ``labels``, the top-1 teacher agreement, the student's token accuracy and both
+  models' entropies (:mod:`~abkd_trainer.divergences.statistics`) are computed here too, from the
+  same tile, and the gradient with respect to the raw logits overwrites the tile's logits in the
+  student buffer;
 * back in the projection tile, two GEMMs fold that gradient into the student's hidden states and
   head weight (``g @ W``, ``g.T @ h``) and a sum into its bias.
 
@@ -44,6 +46,7 @@ import torch
 
 from abkd_trainer.divergences.chunked import backward_keeps_graph, rowwise_loss_and_grad
 from abkd_trainer.divergences.pointwise import ABDivergence, PointwiseDivergence, make_divergence
+from abkd_trainer.divergences.statistics import log_probs_and_entropy, row_statistics
 
 __all__ = [
     "ACCELERATOR_PROJECTION_ELEMENTS",
@@ -176,6 +179,12 @@ class FusedLinearDistillationOutput(NamedTuple):
         teacher_agreement: 1.0 where the student's and the teacher's top-1 tokens agree, detached
             (``"mean"``: the agreement rate; ``"sum"``: the number of agreeing tokens).
         num_tokens: number of counted (mask-true) positions, an int64 scalar.
+        student_entropy, teacher_entropy: entropy in nats of each model's next-token distribution
+            at temperature 1 (after the logit transform, over ``vocab_size``), detached. NaN where
+            that model's logits are not finite.
+        token_accuracy: 1.0 where the student's top-1 token is the label, detached.
+
+    See :mod:`abkd_trainer.divergences.statistics` for the definitions.
     """
 
     loss: torch.Tensor
@@ -183,6 +192,20 @@ class FusedLinearDistillationOutput(NamedTuple):
     cross_entropy: torch.Tensor
     teacher_agreement: torch.Tensor
     num_tokens: torch.Tensor
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+    token_accuracy: torch.Tensor
+
+
+# Per-row values the tile loops return with labels, in this order (all but the loss detached).
+_PER_ROW_FIELDS = (
+    "divergence",
+    "cross_entropy",
+    "teacher_agreement",
+    "student_entropy",
+    "teacher_entropy",
+    "token_accuracy",
+)
 
 
 @dataclass(frozen=True)
@@ -266,25 +289,26 @@ def _cross_entropy_and_grad(
     divergence_grad: torch.Tensor | None,
     spec: _LossSpec,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row CE ``(n,)`` and ``divergence_weight * divergence_grad + ce_weight * CE grad``."""
-    log_normaliser = torch.logsumexp(student_logits, dim=-1)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row CE and entropy ``(n,)``, and ``divergence_weight * divergence_grad + ce_weight * CE
+    grad`` (one softmax of the student serves all three)."""
+    log_probs, probs, entropy = log_probs_and_entropy(student_logits)
     rows = torch.arange(labels.shape[0], device=labels.device)
-    cross_entropy = log_normaliser - student_logits[rows, labels]
+    cross_entropy = -log_probs[rows, labels]
     if not compute_grad:
-        return cross_entropy, None
+        return cross_entropy, entropy, None
     grad = divergence_grad
     if grad is not None and spec.divergence_weight != 1.0:
         grad.mul_(spec.divergence_weight)
     if spec.ce_weight != 0.0:
         # d CE / d z = softmax(z) - onehot(label)
-        ce_grad = student_logits.sub(log_normaliser.unsqueeze(-1)).exp_()
+        ce_grad = probs
         ce_grad[rows, labels] -= 1.0
         if grad is None:
             grad = ce_grad.mul_(spec.ce_weight)
         else:
             grad.add_(ce_grad, alpha=spec.ce_weight)
-    return cross_entropy, grad
+    return cross_entropy, entropy, grad
 
 
 def _divergence_tile(
@@ -293,11 +317,11 @@ def _divergence_tile(
     labels: torch.Tensor | None,
     spec: _LossSpec,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Per-row results of a few rows of transformed logits ``(m, V)``.
 
-    Returns ``divergence`` ``(m,)``; ``cross_entropy`` and ``agreement`` ``(m,)`` (None without
-    labels); and, if ``compute_grad``, the gradient of ``divergence_weight * divergence +
+    Returns the per-row values ``(m,)`` in ``_PER_ROW_FIELDS`` order (only the divergence without
+    labels) and, if ``compute_grad``, the gradient of ``divergence_weight * divergence +
     ce_weight * cross_entropy`` with respect to the student's *raw* logits ``(m, V)``.
     """
     divergence, grad = rowwise_loss_and_grad(
@@ -307,22 +331,25 @@ def _divergence_tile(
         spec.temperature,
         compute_grad=compute_grad and spec.divergence_weight != 0.0,
     )
-    cross_entropy = agreement = None
+    per_row: tuple[torch.Tensor, ...] = (divergence,)
     if spec.with_labels:
-        agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
-        cross_entropy, grad = _cross_entropy_and_grad(
+        cross_entropy, student_entropy, grad = _cross_entropy_and_grad(
             student_logits, labels, grad, spec, compute_grad
         )
+        statistics = row_statistics(student_logits, teacher_logits, labels, student_entropy)
+        per_row = (
+            divergence,
+            cross_entropy,
+            statistics.teacher_agreement,
+            statistics.student_entropy,
+            statistics.teacher_entropy,
+            statistics.token_accuracy,
+        )
     if not compute_grad:
-        return divergence, cross_entropy, agreement, None
+        return per_row, None
     if grad is None:  # both loss weights are zero
         grad = torch.zeros_like(student_logits)
-    return (
-        divergence,
-        cross_entropy,
-        agreement,
-        spec.student_transform.grad_to_raw_(grad, student_logits),
-    )
+    return per_row, spec.student_transform.grad_to_raw_(grad, student_logits)
 
 
 def _walk_tiles(
@@ -378,9 +405,8 @@ def _walk_tiles_impl(
     work_dtype = torch.promote_types(
         torch.promote_types(spec.student_dtype, spec.teacher_dtype), torch.float32
     )
-    divergence = torch.zeros(num_rows, dtype=work_dtype, device=device)
-    cross_entropy = torch.zeros_like(divergence) if spec.with_labels else None
-    agreement = torch.zeros_like(divergence) if spec.with_labels else None
+    num_fields = len(_PER_ROW_FIELDS) if spec.with_labels else 1
+    per_row = torch.zeros((num_fields, num_rows), dtype=work_dtype, device=device)
 
     hidden_grad_needed, weight_grad_needed, bias_grad_needed = needs_grad
     compute_grad = any(needs_grad)
@@ -418,17 +444,14 @@ def _walk_tiles_impl(
         )
         for part in _tiles(count, spec.pointwise_rows):
             absolute = slice(rows.start + part.start, rows.start + part.stop)
-            part_div, part_ce, part_agree, part_grad = _divergence_tile(
+            part_values, part_grad = _divergence_tile(
                 student_logits[part],
                 teacher_logits[part],
                 None if labels is None else labels[absolute],
                 spec,
                 compute_grad,
             )
-            divergence[absolute] = part_div
-            if spec.with_labels:
-                cross_entropy[absolute] = part_ce
-                agreement[absolute] = part_agree
+            per_row[:, absolute] = torch.stack(part_values)
             if part_grad is not None:
                 # These logits are spent: their rows of the buffer now hold the gradient.
                 student_logits[part] = part_grad
@@ -446,19 +469,18 @@ def _walk_tiles_impl(
         if grad_bias is not None:
             grad_bias[:vocab] += grad_tile.sum(dim=0).to(grad_bias.dtype)
 
-    per_row = (divergence,) if not spec.with_labels else (divergence, cross_entropy, agreement)
-    return per_row, (grad_hidden, grad_weight, grad_bias)
+    return tuple(per_row.unbind()), (grad_hidden, grad_weight, grad_bias)
 
 
 def _split_outputs(
     per_row: tuple[torch.Tensor, ...], spec: _LossSpec
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``(row_loss, details)``: the per-row training loss ``(n,)`` and the detached per-row
-    ``(divergence, cross_entropy, agreement)`` (empty without labels, where the loss *is* the
+    values in ``_PER_ROW_FIELDS`` order (empty without labels, where the loss *is* the
     divergence)."""
     if not spec.with_labels:
         return per_row[0], ()
-    divergence, cross_entropy, _ = per_row
+    divergence, cross_entropy = per_row[:2]
     return spec.divergence_weight * divergence + spec.ce_weight * cross_entropy, per_row
 
 
@@ -688,8 +710,9 @@ def fused_linear_divergence(
         vocab_size: the tokenizer's vocabulary; head rows from it on (padding) are ignored. Required
             when the heads have different row counts.
         labels: ``(...)`` int64 next-token targets. When given, the function returns a
-            :class:`FusedLinearDistillationOutput` with the cross-entropy and top-1 agreement,
-            computed in the same pass; counted positions must hold a target in ``[0, vocab_size)``.
+            :class:`FusedLinearDistillationOutput` with the cross-entropy, top-1 agreement, token
+            accuracy and both entropies, computed in the same pass; counted positions must hold a
+            target in ``[0, vocab_size)``.
         divergence_weight, ce_weight: the output's ``loss`` is ``divergence_weight * divergence +
             ce_weight * cross_entropy`` (``labels`` only; e.g. ``kd_ratio`` and ``1 - kd_ratio``).
         chunk_size: tokens per projection tile (two fp32 ``(chunk_size, V)`` buffers); None picks
@@ -809,13 +832,10 @@ def fused_linear_divergence(
     reduced_loss = reduce(loss, already_summed=reduction != "none")
     if labels_1d is None:
         return reduced_loss
-    divergence_values, cross_entropy, agreement = per_row
     return FusedLinearDistillationOutput(
         loss=reduced_loss,
-        divergence=reduce(divergence_values),
-        cross_entropy=reduce(cross_entropy),
-        teacher_agreement=reduce(agreement),
         num_tokens=count,
+        **{name: reduce(values) for name, values in zip(_PER_ROW_FIELDS, per_row, strict=True)},
     )
 
 

@@ -16,8 +16,10 @@ from divergence_cases import CASE_IDS, DIVERGENCE_CASES, ONE_PER_NAME, ONE_PER_N
 from abkd_trainer.divergences.coarsened import (
     CachedTeacher,
     coarsened_divergence,
+    coarsened_token_statistics,
     fused_linear_coarsened_divergence,
 )
+from abkd_trainer.divergences.statistics import token_statistics
 
 RTOL = ATOL = 1e-5
 VOCAB = 37
@@ -206,10 +208,27 @@ def test_fused_equals_logits_path(case, reduction):
     for actual_grad, expected_grad in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(actual_grad, expected_grad, rtol=RTOL, atol=ATOL)
     assert output.num_tokens.item() == mask.sum().item()
-    agreement = (logits[..., :vocab].argmax(-1)[mask] == cached.topk_ids[:, 0]).float()
-    expected_agreement = agreement.sum() if reduction == "sum" else agreement.mean()
+    # The logged statistics: the fused pass's equal those of the materialised logits.
+    statistics = coarsened_token_statistics(logits[..., :vocab].detach(), cached, labels, mask)
     if reduction != "none":
-        torch.testing.assert_close(output.teacher_agreement, expected_agreement)
+        scale = 1.0 if reduction == "sum" else 1.0 / mask.sum().item()
+        for name in ("teacher_agreement", "student_entropy", "teacher_entropy", "token_accuracy"):
+            expected_value = getattr(statistics, name) * scale
+            torch.testing.assert_close(getattr(output, name), expected_value, msg=name)
+
+
+def test_full_k_statistics_equal_the_live_teachers():
+    student, teacher = _logits(20, 2, 6, VOCAB), _logits(21, 2, 6, VOCAB)
+    targets = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(22))
+    mask = _mask((2, 6))
+    cached = coarsened_token_statistics(student, _cache(teacher, mask, VOCAB), targets, mask)
+    live = token_statistics(student, teacher, targets, mask)
+    for name in live._fields:
+        torch.testing.assert_close(getattr(cached, name), getattr(live, name), msg=name)
+    # With k < V the teacher's entropy is that of its coarsened distribution: smaller.
+    coarse = coarsened_token_statistics(student, _cache(teacher, mask, 3), targets, mask)
+    assert coarse.teacher_entropy < live.teacher_entropy
+    assert coarse.student_entropy == live.student_entropy
 
 
 def test_fused_without_grad_and_without_labels():

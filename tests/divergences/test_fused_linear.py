@@ -438,6 +438,51 @@ def test_cross_entropy_and_agreement_in_the_same_pass(divergence_weight, ce_weig
         assert not detached.requires_grad
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("transforms", [{}, {"student_logit_softcap": 3.0}])
+def test_entropies_and_accuracy_match_a_float64_reference(temperature, transforms):
+    """Both models' entropies at temperature 1 (whatever the loss temperature) and the student's
+    token accuracy, from the tiles of the loss pass, against the textbook formulas in float64."""
+    heads = make_heads(positions=(3, 7), vocab=37, student_rows=40, seed=21, dtype=torch.float32)
+    labels = torch.randint(0, 37, (3, 7), generator=torch.Generator().manual_seed(21))
+    labels[1, :4] = -100
+    supervised = labels != -100
+    output = fused_linear_divergence(
+        heads.student_hidden,
+        heads.student_weight,
+        heads.teacher_hidden,
+        heads.teacher_weight,
+        "ab",
+        divergence_params={"alpha": 0.2, "beta": 0.7},
+        temperature=temperature,
+        labels=labels,
+        reduction="none",
+        vocab_size=37,
+        chunk_size=5,
+        **fused_kwargs(heads),
+        **transforms,
+    )
+    student, teacher = (
+        logits.detach().double()
+        for logits in materialised_logits(heads.fresh(), vocab_size=37, **transforms)
+    )
+
+    def entropy(logits):
+        probs = logits.softmax(-1)
+        return -(probs * probs.log()).sum(-1) * supervised
+
+    torch.testing.assert_close(
+        output.student_entropy.double(), entropy(student), rtol=RTOL, atol=ATOL
+    )
+    torch.testing.assert_close(
+        output.teacher_entropy.double(), entropy(teacher), rtol=RTOL, atol=ATOL
+    )
+    accuracy = ((student.argmax(-1) == labels) & supervised).float()
+    torch.testing.assert_close(output.token_accuracy, accuracy)
+    for detached in (output.student_entropy, output.teacher_entropy, output.token_accuracy):
+        assert not detached.requires_grad
+
+
 def test_an_all_masked_batch_gives_zero_with_a_connected_graph():
     heads = make_heads(seed=10)
     labels = torch.full((13,), -100)
