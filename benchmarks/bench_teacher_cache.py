@@ -21,7 +21,8 @@ Two parts, both on CPU:
   on 100 held-out prompts, mean over 3 sampling seeds) distilled from the live teacher and from
   demo caches at each ``--rouge-top-k`` (80 is the whole vocabulary), for each training seed in
   ``--seeds``. Reported: ROUGE-L of the student after training, mean and spread over the
-  training seeds.
+  training seeds, and how much of the teacher's mass each cache's tail bucket holds (mean,
+  median, 90th and 99th percentile over the training positions).
 
 Everything runs with one intra-op thread (``OMP_NUM_THREADS=1``); the load average at start is
 recorded, since the figures are taken on a shared machine.
@@ -271,6 +272,21 @@ def run_rouge(top_ks: list[int], seeds: list[int], max_steps: int, workdir: Path
     return runs
 
 
+def tail_mass_statistics(cache_dir: Path) -> dict[str, float]:
+    """How much of the teacher's mass the cache's tail bucket holds, over its train positions."""
+    from abkd_trainer.teacher_cache import TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    tail = cache.rows(range(cache.manifest.splits["train"].num_rows)).tail_log_prob.exp()
+    return {
+        "top_k": cache.top_k,
+        "mean": tail.mean().item(),
+        "median": tail.median().item(),
+        "p90": tail.quantile(0.9).item(),
+        "p99": tail.quantile(0.99).item(),
+    }
+
+
 def _cli(argv: list[str]) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", *argv], capture_output=True, text=True, check=False, cwd=REPO_ROOT
@@ -351,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("rouge", "all"):
             runs = run_rouge(args.rouge_top_k, args.seeds, args.max_steps, workdir)
             report["rouge_runs"], report["rouge"] = runs, summarise_rouge(runs)
+            report["tail_mass"] = [
+                tail_mass_statistics(workdir / f"demo-cache-top{k}") for k in args.rouge_top_k
+            ]
     report["machine"]["load_average_at_end"] = load_average()
     if args.json:
         print(json.dumps(report, indent=1))
@@ -360,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_steps(report["steps"]))
     if "rouge" in report:
         print(format_rouge(report["rouge"]))
+        for row in report["tail_mass"]:
+            print(f"k = {row['top_k']}: teacher mass in the tail bucket " + ", ".join(
+                f"{name} {row[name]:.2g}" for name in ("mean", "median", "p90", "p99")
+            ))  # fmt: skip
     return 0
 
 
