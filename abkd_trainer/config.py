@@ -224,11 +224,14 @@ class ABKDConfig(SFTConfig):
             )
         # On-policy distillation (student-generated completions) needs the teacher on text that
         # does not exist when the cache is written.
+        # (Read with getattr: the fields belong to the on-policy feature.)
         on_policy = {
             name: getattr(self, name)
             for name in ("lmbda", "seq_kd")
             if getattr(self, name, None) not in (None, 0, 0.0, False)
         }
+        if getattr(self, "on_policy_schedule", "constant") != "constant":
+            on_policy["on_policy_schedule"] = self.on_policy_schedule
         if self.teacher_cache is not None and on_policy:
             raise ValueError(
                 f"A teacher cache holds the teacher on the dataset's fixed completions only, but "

@@ -238,6 +238,7 @@ def test_on_policy_fields_are_refused(tmp_path):
     class OnPolicyConfig(ABKDConfig):  # the fields an on-policy ABKDConfig has
         lmbda: float = 0.0
         seq_kd: bool = False
+        on_policy_schedule: str = "constant"
 
     settings = {**cpu_training_kwargs(), "output_dir": str(tmp_path), "teacher_cache": "c"}
     OnPolicyConfig(**settings)  # off: fine
@@ -245,6 +246,8 @@ def test_on_policy_fields_are_refused(tmp_path):
         OnPolicyConfig(**settings, lmbda=0.5)
     with pytest.raises(ValueError, match="on-policy"):
         OnPolicyConfig(**settings, seq_kd=True)
+    with pytest.raises(ValueError, match="on-policy"):  # starts at lmbda = 0, then rises
+        OnPolicyConfig(**settings, on_policy_schedule="adaptive")
 
 
 def test_evaluation_split_and_resume(tmp_path):
