@@ -52,6 +52,7 @@ from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_d
 from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
+from abkd_trainer.on_policy import on_policy_batches_for_trainer, on_policy_settings
 from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
 
 if TYPE_CHECKING:
@@ -285,6 +286,10 @@ class ABKDTrainer(SFTTrainer):
         # Warns once if the logged entropies show a collapse (a user-configured one is kept).
         if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(CollapseGuardCallback())
+        # On-policy distillation: sampled completions replace the dataset's (see on_policy.py).
+        self.on_policy = (
+            on_policy_batches_for_trainer(self) if args.uses_sampled_completions else None
+        )
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -442,11 +447,16 @@ class ABKDTrainer(SFTTrainer):
         The count is ``labels[..., 1:] != -100`` over all micro-batches and (with
         ``average_tokens_across_devices``) all processes, the same shifted count ``compute_loss``
         uses locally. Trainer's own count depends on the model class (GPT-2 counts unshifted
-        labels) and is replaced here.
+        labels) and is replaced here. With on-policy distillation the completions are sampled
+        first, so the count is of the sampled tokens.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
+        if self.on_policy is not None:  # before the count, so that it counts sampled tokens
+            batch_samples = self.on_policy.replace_completions(
+                batch_samples, self.state.global_step, self.state.max_steps
+            )
         num_items = sum(
             _next_token_targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples
         ).to(device)
@@ -781,6 +791,8 @@ class ABKDTrainer(SFTTrainer):
                 metrics.update(self._last_divergence_params[mode])
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        if mode == "train" and self.on_policy is not None:
+            logs.update(self.on_policy.pop_metrics())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ training
@@ -822,6 +834,7 @@ class ABKDTrainer(SFTTrainer):
                 if getattr(self.args, field) is not None:
                     settings[field] = getattr(self.args, field)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
+        settings.update(on_policy_settings(self.args))
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),
             settings,
