@@ -148,6 +148,8 @@ def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, An
 def is_demo_run(argv: Sequence[str]) -> bool:
     """True when neither a student, a teacher nor a dataset is named: run the offline demo.
 
+    A ``--teacher_cache`` stands in for the teacher (alone, it runs the demo from that cache).
+
     Raises:
         ValueError: when only some of them are named.
     """
@@ -156,12 +158,15 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     )
     if not requested:
         return True
+    has_teacher = "teacher_model_name_or_path" in requested or bool(
+        _requested_values(argv, ("teacher_cache",))
+    )
     has_dataset = "dataset_name" in requested or "datasets" in requested
     missing = [
         flag
         for flag, present in (
             ("--model_name_or_path", "model_name_or_path" in requested),
-            ("--teacher_model_name_or_path", "teacher_model_name_or_path" in requested),
+            ("--teacher_model_name_or_path (or --teacher_cache)", has_teacher),
             ("--dataset_name (or `datasets:` in the YAML config)", has_dataset),
         )
         if not present
@@ -198,6 +203,8 @@ def parse_args(
     overrides: dict[str, Any] = dict(defaults or {}) if not wants_help else {}
     if demo and not wants_help:
         overrides.update(DEMO_DEFAULTS if demo_defaults is None else demo_defaults)
+    if demo and _requested_values(argv, ("teacher_cache",)):
+        overrides.pop("teacher_model_name_or_path", None)  # the cache replaces the teacher
     deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
     if _init_cpu_distributed(deepspeed is not None):
         from abkd_trainer.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
@@ -307,6 +314,7 @@ def run(
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
+            DEMO_TEACHER_DIR,
             build_demo_student,
             limit_cpu_threads_for_demo,
             load_demo_dataset,
@@ -316,7 +324,8 @@ def run(
 
         datasets = load_demo_dataset()
         dataset_label = DEMO_DATASET_NAME
-        teacher_path = training_args.teacher_model_name_or_path
+        # With a teacher cache, only the teacher's tokenizer and config are read (for the student).
+        teacher_path = training_args.teacher_model_name_or_path or str(DEMO_TEACHER_DIR)
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
         model = build_demo_student(
             AutoConfig.from_pretrained(teacher_path), seed=training_args.seed
@@ -376,6 +385,7 @@ def run(
     )
 
     rouge_callback = None
+    live_teacher = training_args.teacher_cache is None
     if script_args.rouge_l_eval:
         rows = test_dataset
         if script_args.rouge_l_num_prompts is not None:
@@ -389,8 +399,9 @@ def run(
             max_new_tokens=script_args.rouge_l_max_new_tokens,
             batch_size=script_args.rouge_l_batch_size,
             evaluate_at_train_boundaries=True,
-            evaluate_teacher=True,
-            divergences=configured_divergences(training_args),
+            # From a teacher cache there is no teacher to sample from or compare logits with.
+            evaluate_teacher=live_teacher,
+            divergences=configured_divergences(training_args) if live_teacher else None,
             dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
             if not demo
             else None,
@@ -414,7 +425,8 @@ def run(
             rouge_results=rouge_callback.results,
             divergences=rouge_callback.divergence_results,
             training_args=training_args,
-            teacher=training_args.teacher_model_name_or_path,
+            teacher=training_args.teacher_model_name_or_path
+            or f"teacher cache {training_args.teacher_cache} ({trainer._teacher_name})",
             student=student_label,
             dataset=dataset_label,
             test_split=script_args.dataset_test_split,

@@ -43,6 +43,11 @@ class ABKDConfig(SFTConfig):
         teacher_model_init_kwargs (`dict`, *optional*): keyword arguments of
             ``AutoModelForCausalLM.from_pretrained`` for a teacher given by name (e.g.
             ``{"dtype": "bfloat16"}``).
+        teacher_cache (`str`, *optional*): directory of a teacher cache written by
+            ``abkd-cache-teacher`` / ``abkd_trainer.teacher_cache.cache_teacher`` for this dataset
+            and preprocessing. No teacher is loaded; the divergence is that of the coarsened
+            distributions (the teacher's k cached tokens plus a tail bucket, the student
+            coarsened onto the same buckets), equal to the full one when k covers the vocabulary.
         loss_chunk_size (`int`, *optional*): tokens per chunk of the divergence kernel; None picks
             one from the vocabulary size.
         use_fused_loss (`bool`, defaults to `True`): compute the loss from both models' final
@@ -163,6 +168,16 @@ class ABKDConfig(SFTConfig):
         metadata={
             "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the "
             'teacher is given by name, e.g. \'{"dtype": "bfloat16"}\'.'
+        },
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of a teacher cache written by `abkd-cache-teacher` (the teacher's "
+            "top-k log-probabilities on this dataset, with the same preprocessing). Training then "
+            "loads no teacher: the divergence is computed between the teacher's k cached tokens "
+            "plus one tail bucket and the student coarsened the same way (the full divergence "
+            "when k covers the vocabulary)."
         },
     )
     loss_chunk_size: int | None = field(
@@ -378,6 +393,26 @@ class ABKDConfig(SFTConfig):
             raise ValueError(
                 f"`alpha_end` / `beta_end` schedule the alpha-beta divergence, but `divergence` is "
                 f"{self.divergence!r}. Set `divergence='ab'` or leave them unset."
+            )
+        if self.teacher_cache is not None and self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "Set either `teacher_cache` (train from a cache written by abkd-cache-teacher) or "
+                "`teacher_model_name_or_path` (run the teacher live), not both."
+            )
+        # On-policy and sequence-level distillation need the teacher on text that does not exist
+        # when the cache is written.
+        if self.teacher_cache is not None and self.uses_sampled_completions:
+            on_policy = {
+                "lmbda": self.lmbda,
+                "seq_kd": self.seq_kd,
+                "on_policy_schedule": self.on_policy_schedule,
+            }
+            raise ValueError(
+                f"A teacher cache holds the teacher on the dataset's fixed completions only, but "
+                f"{on_policy} asks for on-policy / sequence-level distillation, which needs the "
+                "teacher on newly generated text. Train with a live teacher "
+                "(`teacher_model_name_or_path`), or set lmbda=0, seq_kd=False and "
+                "on_policy_schedule='constant'."
             )
         if self.loss_chunk_size is not None and (
             isinstance(self.loss_chunk_size, bool)

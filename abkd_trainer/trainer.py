@@ -42,11 +42,18 @@ from abkd_trainer.compatibility import check_position_limits
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
+from abkd_trainer.divergences.coarsened import (
+    CachedTeacher,
+    coarsened_divergence,
+    coarsened_token_statistics,
+    fused_linear_coarsened_divergence,
+)
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
 from abkd_trainer.on_policy import on_policy_batches_for_trainer, on_policy_settings
+from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -103,6 +110,9 @@ class ABKDTrainer(SFTTrainer):
             ``args.teacher_model_init_kwargs``; defaults to ``args.teacher_model_name_or_path``.
             It must use the student's tokenizer. Its logits may be wider than the student's
             (padded embedding rows): only the first ``len(tokenizer)`` entries are compared.
+            None with ``args.teacher_cache``: the teacher's top-k log-probabilities are read
+            from a cache written by ``abkd-cache-teacher`` and no teacher is loaded
+            (``self.teacher_model`` is None; see :mod:`abkd_trainer.teacher_cache`).
         args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
         optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
@@ -181,10 +191,16 @@ class ABKDTrainer(SFTTrainer):
         args = _as_abkd_config(args, model)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
+        if args.teacher_cache is not None and teacher_model is not None:
             raise ValueError(
-                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path) "
-                "or set `teacher_model_name_or_path` in ABKDConfig."
+                "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
+                "from a teacher cache (its manifest names the teacher that wrote it)."
+            )
+        if teacher_model is None and args.teacher_cache is None:
+            raise ValueError(
+                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
+                "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
+                "by abkd-cache-teacher with `teacher_cache`."
             )
         if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
             raise ValueError(
@@ -213,13 +229,19 @@ class ABKDTrainer(SFTTrainer):
 
         check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
 
+        # Offline teacher: every batch carries the cached teacher rows; no teacher is loaded.
+        self.teacher_cache = None
+        if args.teacher_cache is not None:
+            self.teacher_cache = attach_teacher_cache(self, args.teacher_cache)
         # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
         # teacher is created sharded (zero.Init) like the student.
         teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
             teacher_model = self._load_teacher(teacher_model)
         self._teacher_name = (
-            teacher_source
+            self.teacher_cache.manifest.teacher
+            if teacher_model is None
+            else teacher_source
             or get_config_model_id(teacher_model.config)
             or type(teacher_model).__name__
         )
@@ -228,24 +250,17 @@ class ABKDTrainer(SFTTrainer):
         # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
         self.vocab_size = len(self._tokenizer)
         self._check_vocabularies(teacher_model, teacher_source)
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
         check_position_limits(
             args.max_length,
-            {"student": _causal_lm(self.model), "teacher": teacher_model},
+            {role: model for role, model in models.items() if model is not None},
             packing=args.packing,
         )
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
 
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if self.is_deepspeed_enabled:
-            from abkd_trainer.distributed import prepare_deepspeed_teacher
-
-            self.teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher_model.eval()
+        self.teacher_model = None if teacher_model is None else self._prepare_teacher(teacher_model)
 
         self.divergence_fn = get_divergence(args.divergence)
         if args.use_fused_loss:
@@ -278,6 +293,18 @@ class ABKDTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ set-up helpers
 
+    def _prepare_teacher(self, teacher_model: nn.Module) -> nn.Module:
+        """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device."""
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        if self.is_deepspeed_enabled:
+            from abkd_trainer.distributed import prepare_deepspeed_teacher
+
+            teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
+        else:
+            teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        return teacher_model.eval()
+
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
         # The teacher goes whole onto the student's device; "auto" would spread it over every GPU.
@@ -285,13 +312,19 @@ class ABKDTrainer(SFTTrainer):
         init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         return create_model_from_path(name_or_path, **init_kwargs)
 
-    def _check_vocabularies(self, teacher_model: nn.Module, teacher_source: str | None) -> None:
-        """Raise early if teacher and student cannot share the tokenizer ``self._tokenizer``."""
+    def _check_vocabularies(
+        self, teacher_model: nn.Module | None, teacher_source: str | None
+    ) -> None:
+        """Raise early if teacher and student cannot share the tokenizer ``self._tokenizer``.
+
+        (A teacher cache's tokenizer was checked against this one when it was attached.)
+        """
         student_name = get_config_model_id(self.model.config) or type(self.model).__name__
-        widths = {
-            f"student ({student_name})": self.model.config.get_text_config().vocab_size,
-            f"teacher ({self._teacher_name})": teacher_model.config.get_text_config().vocab_size,
-        }
+        widths = {f"student ({student_name})": self.model.config.get_text_config().vocab_size}
+        if teacher_model is not None:
+            widths[f"teacher ({self._teacher_name})"] = (
+                teacher_model.config.get_text_config().vocab_size
+            )
         for who, width in widths.items():
             if width < self.vocab_size:
                 raise ValueError(
@@ -300,6 +333,8 @@ class ABKDTrainer(SFTTrainer):
                     "use the same tokenizer: pick a teacher from the student's model family "
                     "(padded embedding rows are fine)."
                 )
+        if teacher_model is None:
+            return
         teacher_tokenizer = self._teacher_tokenizer(teacher_model, teacher_source)
         if teacher_tokenizer is None:
             return
@@ -338,7 +373,7 @@ class ABKDTrainer(SFTTrainer):
             )
             return None
 
-    def _check_fused_loss_support(self, teacher_model: nn.Module) -> None:
+    def _check_fused_loss_support(self, teacher_model: nn.Module | None) -> None:
         """Raise early if ``use_fused_loss`` cannot reproduce a model's logits from its head."""
         # (An adapter on `lm_head` is refused by SFTTrainer itself, whose log-probabilities are
         # fused the same way.)
@@ -351,7 +386,9 @@ class ABKDTrainer(SFTTrainer):
                     "virtual tokens of prompt-learning adapters (prompt/prefix tuning, P-tuning). "
                     "Use a weight adapter such as LoRA, or set `use_fused_loss=False`."
                 )
-        for who, model in (("student", _causal_lm(self.model)), ("teacher", teacher_model)):
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        models = {who: model for who, model in models.items() if model is not None}
+        for who, model in models.items():
             head = model.get_output_embeddings()
             if not isinstance(getattr(head, "weight", None), torch.Tensor):
                 raise ValueError(
@@ -360,18 +397,20 @@ class ABKDTrainer(SFTTrainer):
                     "Set `use_fused_loss=False` for this model."
                 )
         self._logit_transforms = {
-            "student": LogitTransform.from_config(_causal_lm(self.model).config),
-            "teacher": LogitTransform.from_config(teacher_model.config),
+            who: LogitTransform.from_config(model.config) for who, model in models.items()
         }
 
-    def _check_startup_outputs(self, teacher_model: nn.Module) -> None:
+    def _check_startup_outputs(self, teacher_model: nn.Module | None) -> None:
         """Run each model on a few tokens: refuse non-finite logits and, with ``use_fused_loss``,
         logits that the fused loss would not rebuild.
 
         Runs in eval mode under the autocast training uses (accelerate's, for ``bf16`` / ``fp16``),
         so that both sides of the comparison are computed in the same precision.
         """
-        for who, causal_lm in (("student", _causal_lm(self.model)), ("teacher", teacher_model)):
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        for who, causal_lm in models.items():
+            if causal_lm is None:  # training from a teacher cache
+                continue
             was_training = causal_lm.training
             causal_lm.eval()
             try:
@@ -433,6 +472,7 @@ class ABKDTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         mode = "train" if self.model.training else "eval"
+        cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
         targets = _next_token_targets(inputs)
         # Same keyword inputs for both models: with packing these carry the position_ids that keep
         # packed documents from attending to each other.
@@ -440,7 +480,8 @@ class ABKDTrainer(SFTTrainer):
         model_inputs["use_cache"] = False
 
         divergence_params = self._divergence_params()
-        self.teacher_model.eval()  # cheap, and robust to a caller that put it back in train mode
+        if self.teacher_model is not None:
+            self.teacher_model.eval()  # cheap, and robust to a caller that set train mode
         # Evaluation with `compute_metrics` wants the student's logits; everything else (training,
         # loss-only evaluation) can do without them.
         wants_logits = (
@@ -457,18 +498,23 @@ class ABKDTrainer(SFTTrainer):
                 loss, sums = self._forward_redirection(
                     model,
                     unwrapped_student,
-                    self._fused_distillation_loss,
+                    self._fused_distillation_loss
+                    if cached_teacher is None
+                    else self._fused_cached_teacher_loss,
                     unwrapped_student,
                     model_inputs,
                     targets,
                     num_items_in_batch,
                     divergence_params,
+                    *(() if cached_teacher is None else (cached_teacher,)),
                 )
             student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
         else:
             student_outputs = model(**model_inputs)
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(**model_inputs).logits
+            teacher_logits = cached_teacher
+            if cached_teacher is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_model(**model_inputs).logits
             loss, sums = self._distillation_loss(
                 student_outputs.logits,
                 teacher_logits,
@@ -504,7 +550,7 @@ class ABKDTrainer(SFTTrainer):
     def _distillation_loss(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | CachedTeacher,
         targets: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
@@ -513,7 +559,9 @@ class ABKDTrainer(SFTTrainer):
 
         Args:
             student_logits: ``(batch, seq, V_student)``.
-            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``.
+            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``. Or
+                the cached teacher of the supervised positions: the divergence is then that of
+                the coarsened distributions (see ``abkd_trainer.divergences.coarsened``).
             targets: ``(batch, seq)``, the next token each position predicts (the labels shifted
                 left), ``-100`` where not supervised, always at the last position.
             num_items_in_batch: supervised tokens of the whole accumulated batch (all processes);
@@ -528,18 +576,29 @@ class ABKDTrainer(SFTTrainer):
         # (A no-op view when the widths already match, so the logits stay contiguous and the
         # divergence kernel reads them without a copy.)
         student_logits = student_logits[..., : self.vocab_size]
-        teacher_logits = teacher_logits[..., : self.vocab_size]
         supervised = targets != IGNORE_INDEX
-
-        kd_sum = self.divergence_fn(
-            student_logits,
-            teacher_logits,
-            **divergence_params,
-            temperature=self.args.temperature,
-            mask=supervised,
-            reduction="sum",
-            chunk_size=self.args.loss_chunk_size,
-        )
+        if isinstance(teacher_logits, CachedTeacher):
+            kd_sum = coarsened_divergence(
+                student_logits,
+                teacher_logits,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
+        else:
+            teacher_logits = teacher_logits[..., : self.vocab_size]
+            kd_sum = self.divergence_fn(
+                student_logits,
+                teacher_logits,
+                **divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
         # Logged even when kd_ratio == 1; only part of the graph when it is trained on.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.kd_ratio < 1.0):
             # Supervised rows only (prompt tokens would just be masked out), upcast like
@@ -558,8 +617,14 @@ class ABKDTrainer(SFTTrainer):
         loss = self._normalise(objective, num_local, num_items_in_batch)
 
         # Entropies, agreement and accuracy over the supervised rows, a chunk at a time.
-        statistics = token_statistics(
-            student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+        statistics = (
+            coarsened_token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+            if isinstance(teacher_logits, CachedTeacher)
+            else token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
         )
         sums = {
             "kd_loss": kd_sum,
@@ -625,6 +690,50 @@ class ABKDTrainer(SFTTrainer):
                 student_logit_softcap=student_transform.softcap,
                 teacher_logit_scale=teacher_transform.scale,
                 teacher_logit_softcap=teacher_transform.softcap,
+                vocab_size=self.vocab_size,
+                divergence_weight=self.args.kd_ratio,
+                ce_weight=1.0 - self.args.kd_ratio,
+                chunk_size=self.args.loss_chunk_size,
+            )
+        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
+        sums = {
+            "kd_loss": output.divergence,
+            "ce_loss": output.cross_entropy,
+            "teacher_agreement": output.teacher_agreement,
+            "student_entropy": output.student_entropy,
+            "teacher_entropy": output.teacher_entropy,
+            "mean_token_accuracy": output.token_accuracy,
+            "num_supervised": output.num_tokens,
+        }
+        return loss, sums
+
+    def _fused_cached_teacher_loss(
+        self,
+        student: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+        cached_teacher: CachedTeacher,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
+        student_lm = _causal_lm(student)
+        student_hidden = _final_hidden_states(student_lm, model_inputs)
+        head = student_lm.get_output_embeddings()
+        transform = self._logit_transforms["student"]
+        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+            output = fused_linear_coarsened_divergence(
+                student_hidden,
+                head.weight,
+                cached_teacher,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                labels=targets.to(student_hidden.device),
+                reduction="sum",
+                student_bias=getattr(head, "bias", None),
+                student_logit_scale=transform.scale,
+                student_logit_softcap=transform.softcap,
                 vocab_size=self.vocab_size,
                 divergence_weight=self.args.kd_ratio,
                 ce_weight=1.0 - self.args.kd_ratio,
@@ -716,6 +825,8 @@ class ABKDTrainer(SFTTrainer):
             "Teacher": hub_id_or_name(self._teacher_name),
             "Divergence": self.args.divergence,
         }
+        if self.teacher_cache is not None:
+            settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
         for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
             settings[field] = getattr(self.args, field)
         if self.args.divergence == "ab":
