@@ -303,7 +303,9 @@ class ABKDTrainer(SFTTrainer):
             teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
         else:
             teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        return teacher_model.eval()
+        # Not `return teacher_model.eval()`: a DeepSpeedEngine's eval() returns None.
+        teacher_model.eval()
+        return teacher_model
 
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
