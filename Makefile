@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,peft,eval,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,peft,eval,sweep,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -24,10 +24,17 @@ _LAZY_EXPORTS: dict[str, str] = {
     "DIVERGENCE_NAMES": "abkd_trainer.divergences",
     "fused_linear_ab_divergence": "abkd_trainer.divergences.fused_linear",
     "fused_linear_divergence": "abkd_trainer.divergences.fused_linear",
+    "coarsened_divergence": "abkd_trainer.divergences.coarsened",
+    "fused_linear_coarsened_divergence": "abkd_trainer.divergences.coarsened",
+    "cache_teacher": "abkd_trainer.teacher_cache",
     "ABKDConfig": "abkd_trainer.config",
     "ABKDTrainer": "abkd_trainer.trainer",
     "rouge_l_evaluate": "abkd_trainer.evaluation",
     "RougeLCallback": "abkd_trainer.evaluation",
+    "mass_allocation": "abkd_trainer.mass_allocation",
+    "plot_mass_allocation": "abkd_trainer.mass_allocation",
+    "run_sweep": "abkd_trainer.sweep",
+    "SweepArguments": "abkd_trainer.sweep",
     "CollapseGuardCallback": "abkd_trainer.collapse_guard",
 }
 
@@ -47,11 +54,18 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
         skew_reverse_kl,
         total_variation,
     )
+    from abkd_trainer.divergences.coarsened import (
+        coarsened_divergence,
+        fused_linear_coarsened_divergence,
+    )
     from abkd_trainer.divergences.fused_linear import (
         fused_linear_ab_divergence,
         fused_linear_divergence,
     )
     from abkd_trainer.evaluation import RougeLCallback, rouge_l_evaluate
+    from abkd_trainer.mass_allocation import mass_allocation, plot_mass_allocation
+    from abkd_trainer.sweep import SweepArguments, run_sweep
+    from abkd_trainer.teacher_cache import cache_teacher
     from abkd_trainer.trainer import ABKDTrainer
 
 

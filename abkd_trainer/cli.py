@@ -92,17 +92,24 @@ def _script_arguments_class() -> type:
     return ABKDScriptArguments
 
 
-def make_parser(prog: str | None = "abkd-train") -> TrlParser:
-    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures)."""
+def make_parser(
+    prog: str | None = "abkd-train",
+    extra_dataclass_types: Sequence[type] = (),
+    description: str | None = None,
+) -> TrlParser:
+    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures).
+
+    ``extra_dataclass_types`` are parsed after those four (``abkd-sweep`` adds its own).
+    """
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
     from abkd_trainer.config import ABKDConfig
 
     dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
     parser = TrlParser(
-        dataclass_types,
+        (*dataclass_types, *extra_dataclass_types),
         prog=prog,
-        description=__doc__.split("\n\n")[0],
+        description=description or __doc__.split("\n\n")[0],
         epilog="Every flag can also be set in a YAML file given with --config FILE.yaml "
         "(flags on the command line win). With no model and no dataset, the offline demo runs.",
     )
@@ -141,6 +148,8 @@ def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, An
 def is_demo_run(argv: Sequence[str]) -> bool:
     """True when neither a student, a teacher nor a dataset is named: run the offline demo.
 
+    A ``--teacher_cache`` stands in for the teacher (alone, it runs the demo from that cache).
+
     Raises:
         ValueError: when only some of them are named.
     """
@@ -149,12 +158,15 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     )
     if not requested:
         return True
+    has_teacher = "teacher_model_name_or_path" in requested or bool(
+        _requested_values(argv, ("teacher_cache",))
+    )
     has_dataset = "dataset_name" in requested or "datasets" in requested
     missing = [
         flag
         for flag, present in (
             ("--model_name_or_path", "model_name_or_path" in requested),
-            ("--teacher_model_name_or_path", "teacher_model_name_or_path" in requested),
+            ("--teacher_model_name_or_path (or --teacher_cache)", has_teacher),
             ("--dataset_name (or `datasets:` in the YAML config)", has_dataset),
         )
         if not present
@@ -167,20 +179,32 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     return False
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any, Any, bool]:
+def parse_args(
+    argv: Sequence[str] | None = None,
+    *,
+    parser: TrlParser | None = None,
+    defaults: dict[str, Any] | None = None,
+    demo_defaults: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:
     """Parse ``argv`` (default ``sys.argv[1:]``) into (script, training, model, mixture, is_demo).
 
-    Precedence, lowest first: dataclass defaults, demo defaults (demo mode only), the
-    ``--config`` YAML file, the command line.
+    Precedence, lowest first: dataclass defaults, ``defaults``, demo defaults (demo mode only;
+    ``demo_defaults`` replaces :data:`~abkd_trainer.demo.DEMO_DEFAULTS`), the ``--config`` YAML
+    file, the command line. A ``parser`` from ``make_parser(extra_dataclass_types=...)`` adds
+    its extra dataclasses to the tuple, before ``is_demo``.
     """
     from abkd_trainer.demo import DEMO_DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     demo = is_demo_run(argv)
-    parser = make_parser()
+    parser = parser or make_parser()
     # `--help` shows the real defaults, not the demo's.
     wants_help = any(token in ("-h", "--help") for token in argv)
-    overrides: dict[str, Any] = dict(DEMO_DEFAULTS) if demo and not wants_help else {}
+    overrides: dict[str, Any] = dict(defaults or {}) if not wants_help else {}
+    if demo and not wants_help:
+        overrides.update(DEMO_DEFAULTS if demo_defaults is None else demo_defaults)
+    if demo and _requested_values(argv, ("teacher_cache",)):
+        overrides.pop("teacher_model_name_or_path", None)  # the cache replaces the teacher
     deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
     if _init_cpu_distributed(deepspeed is not None):
         from abkd_trainer.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
@@ -189,10 +213,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ABKDConfig, Any,
     if overrides:
         parser.set_defaults_with_config(**overrides)
     try:
-        script_args, training_args, model_args, mixture_args = parser.parse_args_and_config(argv)
+        parsed = parser.parse_args_and_config(argv)
     except ValueError as error:
         raise _explain_precision_error(error) from error
-    return script_args, training_args, model_args, mixture_args, demo
+    return (*parsed, demo)
 
 
 CPU_PRECISION_HINT = (
@@ -298,6 +322,7 @@ def load_run_inputs(
     if demo:
         from abkd_trainer.demo import (
             DEMO_DATASET_NAME,
+            DEMO_TEACHER_DIR,
             build_demo_student,
             limit_cpu_threads_for_demo,
             load_demo_dataset,
@@ -307,7 +332,8 @@ def load_run_inputs(
 
         datasets = load_demo_dataset()
         dataset_label = DEMO_DATASET_NAME
-        teacher_path = training_args.teacher_model_name_or_path
+        # With a teacher cache, only the teacher's tokenizer and config are read (for the student).
+        teacher_path = training_args.teacher_model_name_or_path or str(DEMO_TEACHER_DIR)
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
         model = build_demo_student(
             AutoConfig.from_pretrained(teacher_path), seed=training_args.seed
@@ -391,6 +417,7 @@ def run(
     )
 
     rouge_callback = None
+    live_teacher = training_args.teacher_cache is None
     if script_args.rouge_l_eval:
         rows = test_dataset
         if script_args.rouge_l_num_prompts is not None:
@@ -404,8 +431,9 @@ def run(
             max_new_tokens=script_args.rouge_l_max_new_tokens,
             batch_size=script_args.rouge_l_batch_size,
             evaluate_at_train_boundaries=True,
-            evaluate_teacher=True,
-            divergences=configured_divergences(training_args),
+            # From a teacher cache there is no teacher to sample from or compare logits with.
+            evaluate_teacher=live_teacher,
+            divergences=configured_divergences(training_args) if live_teacher else None,
             dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
             if not demo
             else None,
@@ -429,7 +457,8 @@ def run(
             rouge_results=rouge_callback.results,
             divergences=rouge_callback.divergence_results,
             training_args=training_args,
-            teacher=training_args.teacher_model_name_or_path,
+            teacher=training_args.teacher_model_name_or_path
+            or f"teacher cache {training_args.teacher_cache} ({trainer._teacher_name})",
             student=student_label,
             dataset=dataset_label,
             test_split=script_args.dataset_test_split,

@@ -42,11 +42,19 @@ from abkd_trainer.compatibility import check_position_limits
 from abkd_trainer.config import ABKDConfig
 from abkd_trainer.data import check_sft_datasets, check_supervised_tokens
 from abkd_trainer.divergences import get_divergence
+from abkd_trainer.divergences.coarsened import (
+    CachedTeacher,
+    coarsened_divergence,
+    coarsened_token_statistics,
+    fused_linear_coarsened_divergence,
+)
 from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
 from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
+from abkd_trainer.on_policy import on_policy_batches_for_trainer, on_policy_settings
 from abkd_trainer.schedules import effective_warmup_ratio, scheduled_alpha_beta
+from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -91,6 +99,9 @@ class ABKDTrainer(SFTTrainer):
             ``args.teacher_model_init_kwargs``; defaults to ``args.teacher_model_name_or_path``.
             It must use the student's tokenizer. Its logits may be wider than the student's
             (padded embedding rows): only the first ``len(tokenizer)`` entries are compared.
+            None with ``args.teacher_cache``: the teacher's top-k log-probabilities are read
+            from a cache written by ``abkd-cache-teacher`` and no teacher is loaded
+            (``self.teacher_model`` is None; see :mod:`abkd_trainer.teacher_cache`).
         args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
         optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
@@ -169,10 +180,16 @@ class ABKDTrainer(SFTTrainer):
         args = _as_abkd_config(args, model)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
+        if args.teacher_cache is not None and teacher_model is not None:
             raise ValueError(
-                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path) "
-                "or set `teacher_model_name_or_path` in ABKDConfig."
+                "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
+                "from a teacher cache (its manifest names the teacher that wrote it)."
+            )
+        if teacher_model is None and args.teacher_cache is None:
+            raise ValueError(
+                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
+                "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
+                "by abkd-cache-teacher with `teacher_cache`."
             )
         if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
             raise ValueError(
@@ -201,13 +218,19 @@ class ABKDTrainer(SFTTrainer):
 
         check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
 
+        # Offline teacher: every batch carries the cached teacher rows; no teacher is loaded.
+        self.teacher_cache = None
+        if args.teacher_cache is not None:
+            self.teacher_cache = attach_teacher_cache(self, args.teacher_cache)
         # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
         # teacher is created sharded (zero.Init) like the student.
         teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
             teacher_model = self._load_teacher(teacher_model)
         self._teacher_name = (
-            teacher_source
+            self.teacher_cache.manifest.teacher
+            if teacher_model is None
+            else teacher_source
             or get_config_model_id(teacher_model.config)
             or type(teacher_model).__name__
         )
@@ -216,24 +239,17 @@ class ABKDTrainer(SFTTrainer):
         # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
         self.vocab_size = len(self._tokenizer)
         self._check_vocabularies(teacher_model, teacher_source)
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
         check_position_limits(
             args.max_length,
-            {"student": _causal_lm(self.model), "teacher": teacher_model},
+            {role: model for role, model in models.items() if model is not None},
             packing=args.packing,
         )
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
 
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if self.is_deepspeed_enabled:
-            from abkd_trainer.distributed import prepare_deepspeed_teacher
-
-            self.teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher_model.eval()
+        self.teacher_model = None if teacher_model is None else self._prepare_teacher(teacher_model)
 
         self.divergence_fn = get_divergence(args.divergence)
         if args.use_fused_loss:
@@ -259,8 +275,26 @@ class ABKDTrainer(SFTTrainer):
         # Warns once if the logged entropies show a collapse (a user-configured one is kept).
         if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(CollapseGuardCallback())
+        # On-policy distillation: sampled completions replace the dataset's (see on_policy.py).
+        self.on_policy = (
+            on_policy_batches_for_trainer(self) if args.uses_sampled_completions else None
+        )
 
     # ------------------------------------------------------------------ set-up helpers
+
+    def _prepare_teacher(self, teacher_model: nn.Module) -> nn.Module:
+        """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device."""
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        if self.is_deepspeed_enabled:
+            from abkd_trainer.distributed import prepare_deepspeed_teacher
+
+            teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
+        else:
+            teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        # Not `return teacher_model.eval()`: a DeepSpeedEngine's eval() returns None.
+        teacher_model.eval()
+        return teacher_model
 
     def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -269,13 +303,19 @@ class ABKDTrainer(SFTTrainer):
         init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         return create_model_from_path(name_or_path, **init_kwargs)
 
-    def _check_vocabularies(self, teacher_model: nn.Module, teacher_source: str | None) -> None:
-        """Raise early if teacher and student cannot share the tokenizer ``self._tokenizer``."""
+    def _check_vocabularies(
+        self, teacher_model: nn.Module | None, teacher_source: str | None
+    ) -> None:
+        """Raise early if teacher and student cannot share the tokenizer ``self._tokenizer``.
+
+        (A teacher cache's tokenizer was checked against this one when it was attached.)
+        """
         student_name = get_config_model_id(self.model.config) or type(self.model).__name__
-        widths = {
-            f"student ({student_name})": self.model.config.get_text_config().vocab_size,
-            f"teacher ({self._teacher_name})": teacher_model.config.get_text_config().vocab_size,
-        }
+        widths = {f"student ({student_name})": self.model.config.get_text_config().vocab_size}
+        if teacher_model is not None:
+            widths[f"teacher ({self._teacher_name})"] = (
+                teacher_model.config.get_text_config().vocab_size
+            )
         for who, width in widths.items():
             if width < self.vocab_size:
                 raise ValueError(
@@ -284,6 +324,8 @@ class ABKDTrainer(SFTTrainer):
                     "use the same tokenizer: pick a teacher from the student's model family "
                     "(padded embedding rows are fine)."
                 )
+        if teacher_model is None:
+            return
         teacher_tokenizer = self._teacher_tokenizer(teacher_model, teacher_source)
         if teacher_tokenizer is None:
             return
@@ -322,7 +364,7 @@ class ABKDTrainer(SFTTrainer):
             )
             return None
 
-    def _check_fused_loss_support(self, teacher_model: nn.Module) -> None:
+    def _check_fused_loss_support(self, teacher_model: nn.Module | None) -> None:
         """Raise early if ``use_fused_loss`` cannot reproduce a model's logits from its head."""
         # (An adapter on `lm_head` is refused by SFTTrainer itself, whose log-probabilities are
         # fused the same way.)
@@ -335,7 +377,9 @@ class ABKDTrainer(SFTTrainer):
                     "virtual tokens of prompt-learning adapters (prompt/prefix tuning, P-tuning). "
                     "Use a weight adapter such as LoRA, or set `use_fused_loss=False`."
                 )
-        for who, model in (("student", _causal_lm(self.model)), ("teacher", teacher_model)):
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        models = {who: model for who, model in models.items() if model is not None}
+        for who, model in models.items():
             head = model.get_output_embeddings()
             if not isinstance(getattr(head, "weight", None), torch.Tensor):
                 raise ValueError(
@@ -344,18 +388,20 @@ class ABKDTrainer(SFTTrainer):
                     "Set `use_fused_loss=False` for this model."
                 )
         self._logit_transforms = {
-            "student": LogitTransform.from_config(_causal_lm(self.model).config),
-            "teacher": LogitTransform.from_config(teacher_model.config),
+            who: LogitTransform.from_config(model.config) for who, model in models.items()
         }
 
-    def _check_startup_outputs(self, teacher_model: nn.Module) -> None:
+    def _check_startup_outputs(self, teacher_model: nn.Module | None) -> None:
         """Run each model on a few tokens: refuse non-finite logits and, with ``use_fused_loss``,
         logits that the fused loss would not rebuild.
 
         Runs in eval mode under the autocast training uses (accelerate's, for ``bf16`` / ``fp16``),
         so that both sides of the comparison are computed in the same precision.
         """
-        for who, causal_lm in (("student", _causal_lm(self.model)), ("teacher", teacher_model)):
+        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        for who, causal_lm in models.items():
+            if causal_lm is None:  # training from a teacher cache
+                continue
             was_training = causal_lm.training
             causal_lm.eval()
             try:
@@ -388,11 +434,16 @@ class ABKDTrainer(SFTTrainer):
         The count is ``labels[..., 1:] != -100`` over all micro-batches and (with
         ``average_tokens_across_devices``) all processes, the same shifted count ``compute_loss``
         uses locally. Trainer's own count depends on the model class (GPT-2 counts unshifted
-        labels) and is replaced here.
+        labels) and is replaced here. With on-policy distillation the completions are sampled
+        first, so the count is of the sampled tokens.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
+        if self.on_policy is not None:  # before the count, so that it counts sampled tokens
+            batch_samples = self.on_policy.replace_completions(
+                batch_samples, self.state.global_step, self.state.max_steps
+            )
         num_items = sum(
             _next_token_targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples
         ).to(device)
@@ -408,6 +459,7 @@ class ABKDTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         mode = "train" if self.model.training else "eval"
+        cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
         targets = _next_token_targets(inputs)
         # Same keyword inputs for both models: with packing these carry the position_ids that keep
         # packed documents from attending to each other.
@@ -415,7 +467,8 @@ class ABKDTrainer(SFTTrainer):
         model_inputs["use_cache"] = False
 
         divergence_params = self._divergence_params()
-        self.teacher_model.eval()  # cheap, and robust to a caller that put it back in train mode
+        if self.teacher_model is not None:
+            self.teacher_model.eval()  # cheap, and robust to a caller that set train mode
         # Evaluation with `compute_metrics` wants the student's logits; everything else (training,
         # loss-only evaluation) can do without them.
         wants_logits = (
@@ -432,18 +485,23 @@ class ABKDTrainer(SFTTrainer):
                 loss, sums = self._forward_redirection(
                     model,
                     unwrapped_student,
-                    self._fused_distillation_loss,
+                    self._fused_distillation_loss
+                    if cached_teacher is None
+                    else self._fused_cached_teacher_loss,
                     unwrapped_student,
                     model_inputs,
                     targets,
                     num_items_in_batch,
                     divergence_params,
+                    *(() if cached_teacher is None else (cached_teacher,)),
                 )
             student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
         else:
             student_outputs = model(**model_inputs)
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(**model_inputs).logits
+            teacher_logits = cached_teacher
+            if cached_teacher is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_model(**model_inputs).logits
             loss, sums = self._distillation_loss(
                 student_outputs.logits,
                 teacher_logits,
@@ -479,7 +537,7 @@ class ABKDTrainer(SFTTrainer):
     def _distillation_loss(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | CachedTeacher,
         targets: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
@@ -488,7 +546,9 @@ class ABKDTrainer(SFTTrainer):
 
         Args:
             student_logits: ``(batch, seq, V_student)``.
-            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``.
+            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``. Or
+                the cached teacher of the supervised positions: the divergence is then that of
+                the coarsened distributions (see ``abkd_trainer.divergences.coarsened``).
             targets: ``(batch, seq)``, the next token each position predicts (the labels shifted
                 left), ``-100`` where not supervised, always at the last position.
             num_items_in_batch: supervised tokens of the whole accumulated batch (all processes);
@@ -503,18 +563,29 @@ class ABKDTrainer(SFTTrainer):
         # (A no-op view when the widths already match, so the logits stay contiguous and the
         # divergence kernel reads them without a copy.)
         student_logits = student_logits[..., : self.vocab_size]
-        teacher_logits = teacher_logits[..., : self.vocab_size]
         supervised = targets != IGNORE_INDEX
-
-        kd_sum = self.divergence_fn(
-            student_logits,
-            teacher_logits,
-            **divergence_params,
-            temperature=self.args.temperature,
-            mask=supervised,
-            reduction="sum",
-            chunk_size=self.args.loss_chunk_size,
-        )
+        if isinstance(teacher_logits, CachedTeacher):
+            kd_sum = coarsened_divergence(
+                student_logits,
+                teacher_logits,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
+        else:
+            teacher_logits = teacher_logits[..., : self.vocab_size]
+            kd_sum = self.divergence_fn(
+                student_logits,
+                teacher_logits,
+                **divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
         # Logged even when kd_ratio == 1; only part of the graph when it is trained on.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.kd_ratio < 1.0):
             # Supervised rows only (prompt tokens would just be masked out), upcast like
@@ -533,8 +604,14 @@ class ABKDTrainer(SFTTrainer):
         loss = self._normalise(objective, num_local, num_items_in_batch)
 
         # Entropies, agreement and accuracy over the supervised rows, a chunk at a time.
-        statistics = token_statistics(
-            student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+        statistics = (
+            coarsened_token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+            if isinstance(teacher_logits, CachedTeacher)
+            else token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
         )
         sums = {
             "kd_loss": kd_sum,
@@ -617,6 +694,50 @@ class ABKDTrainer(SFTTrainer):
         }
         return loss, sums
 
+    def _fused_cached_teacher_loss(
+        self,
+        student: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+        cached_teacher: CachedTeacher,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
+        student_lm = _causal_lm(student)
+        student_hidden = _final_hidden_states(student_lm, model_inputs)
+        head = student_lm.get_output_embeddings()
+        transform = self._logit_transforms["student"]
+        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+            output = fused_linear_coarsened_divergence(
+                student_hidden,
+                head.weight,
+                cached_teacher,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                labels=targets.to(student_hidden.device),
+                reduction="sum",
+                student_bias=getattr(head, "bias", None),
+                student_logit_scale=transform.scale,
+                student_logit_softcap=transform.softcap,
+                vocab_size=self.vocab_size,
+                divergence_weight=self.args.kd_ratio,
+                ce_weight=1.0 - self.args.kd_ratio,
+                chunk_size=self.args.loss_chunk_size,
+            )
+        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
+        sums = {
+            "kd_loss": output.divergence,
+            "ce_loss": output.cross_entropy,
+            "teacher_agreement": output.teacher_agreement,
+            "student_entropy": output.student_entropy,
+            "teacher_entropy": output.teacher_entropy,
+            "mean_token_accuracy": output.token_accuracy,
+            "num_supervised": output.num_tokens,
+        }
+        return loss, sums
+
     def _normalise(
         self,
         objective_sum: torch.Tensor,
@@ -657,6 +778,8 @@ class ABKDTrainer(SFTTrainer):
                 metrics.update(self._last_divergence_params[mode])
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        if mode == "train" and self.on_policy is not None:
+            logs.update(self.on_policy.pop_metrics())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ training
@@ -689,6 +812,8 @@ class ABKDTrainer(SFTTrainer):
             "Teacher": hub_id_or_name(self._teacher_name),
             "Divergence": self.args.divergence,
         }
+        if self.teacher_cache is not None:
+            settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
         for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
             settings[field] = getattr(self.args, field)
         if self.args.divergence == "ab":
@@ -700,6 +825,7 @@ class ABKDTrainer(SFTTrainer):
             else:
                 settings["ab_warmup_ratio"] = effective_warmup_ratio(self.args)
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
+        settings.update(on_policy_settings(self.args))
         card_text = add_distillation_section(
             card_path.read_text(encoding="utf-8"),
             settings,

@@ -11,7 +11,8 @@ tokens are dropped. Usage::
     python examples/prepare_dolly.py --output_dir data/dolly-chat --conversational  # chat models
 
 Then point ``abkd-train`` at ``<output_dir>/train.jsonl`` (``--dataset_name``) and
-``<output_dir>/test.jsonl`` (``--dataset_test_file``).
+``<output_dir>/test.jsonl`` (``--dataset_test_file``). ``dev.jsonl`` holds the 1000 development
+rows, for runs that select or adapt on an evaluation loss (the adaptive on-policy schedule).
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     raw = load_dataset(SOURCE_REPO, data_files={"raw": "raw.jsonl", "test": "valid.jsonl"})
-    splits = {"train": raw["raw"].select(range(NUM_DEV_ROWS, len(raw["raw"]))), "test": raw["test"]}
+    splits = {
+        "train": raw["raw"].select(range(NUM_DEV_ROWS, len(raw["raw"]))),
+        "dev": raw["raw"].select(range(NUM_DEV_ROWS)),  # the authors' development set
+        "test": raw["test"],
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
         kept = 0

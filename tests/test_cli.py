@@ -470,6 +470,33 @@ def test_a_bf16_recipe_on_a_cpu_says_what_to_change(config_name):
     assert "teacher_model_init_kwargs" in message
 
 
+def test_on_policy_example_is_the_paper_recipe_with_the_adaptive_schedule():
+    config = REPO_ROOT / "examples" / "gpt2-xl_to_gpt2_dolly_on_policy.yaml"
+    script_args, training_args, _, _, demo = parse_args(
+        ["--config", str(config), "--bf16", "false", "--use_cpu", "true"]
+    )
+    off_policy = parse_args(
+        [
+            "--config",
+            str(REPO_ROOT / "examples" / "gpt2-xl_to_gpt2_dolly.yaml"),
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+        ]
+    )[1]
+    assert not demo and training_args.uses_sampled_completions
+    assert (training_args.on_policy_schedule, training_args.lmbda) == ("adaptive", 0.0)
+    assert (training_args.adaptive_step, training_args.adaptive_loss_eps) == (0.1, 0.1)
+    assert training_args.replay_buffer_size == 1000 and training_args.max_new_tokens == 256
+    assert training_args.eval_strategy == "epoch" and training_args.eval_on_start
+    assert script_args.dataset_test_file.endswith("dev.jsonl")
+    shared = ("alpha", "beta", "kd_ratio", "learning_rate", "num_train_epochs", "max_length")
+    shared += ("eval_strategy", "metric_for_best_model", "load_best_model_at_end")
+    for name in shared:
+        assert getattr(training_args, name) == getattr(off_policy, name), name
+
+
 # ----------------------------------------------------------------------------- launchers
 
 

@@ -173,3 +173,118 @@ def test_command_line_rejects_invalid_values(tmp_path):
         parser.parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--temperature", "0"]
         )
+
+
+# ------------------------------------------------------------------ on-policy distillation
+
+ON_POLICY_FIELDS = (
+    "lmbda",
+    "seq_kd",
+    "on_policy_schedule",
+    "adaptive_step",
+    "adaptive_loss_eps",
+    "replay_buffer_size",
+    "max_new_tokens",
+    "generation_temperature",
+    "generation_top_p",
+    "generation_top_k",
+    "generation_kwargs",
+    "ds3_gather_for_generation",
+)
+
+
+def test_on_policy_defaults_keep_off_policy_distillation(tmp_path):
+    config = make_config(tmp_path)
+    assert (config.lmbda, config.seq_kd, config.on_policy_schedule) == (0.0, False, "constant")
+    assert not config.uses_sampled_completions
+    assert (config.adaptive_step, config.adaptive_loss_eps, config.replay_buffer_size) == (
+        0.1,
+        0.1,
+        1000,
+    )
+    assert (config.max_new_tokens, config.generation_temperature) == (128, 1.0)
+    assert (config.generation_top_p, config.generation_top_k) == (1.0, 0)
+    assert config.generation_kwargs is None and config.ds3_gather_for_generation is True
+    for name in ON_POLICY_FIELDS:
+        help_text = next(f for f in dataclasses.fields(ABKDConfig) if f.name == name).metadata
+        assert len(help_text.get("help", "")) > 20, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "uses_samples"),
+    [
+        ({"lmbda": 0.5}, True),
+        ({"seq_kd": True}, True),
+        ({"on_policy_schedule": "adaptive", "eval_strategy": "steps"}, True),
+        ({"lmbda": 0.0, "max_new_tokens": 4}, False),
+    ],
+)
+def test_uses_sampled_completions(tmp_path, overrides, uses_samples):
+    assert make_config(tmp_path, **overrides).uses_sampled_completions is uses_samples
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [
+        ("lmbda", -0.1),
+        ("lmbda", 1.5),
+        ("lmbda", math.nan),
+        ("on_policy_schedule", "linear"),
+        ("adaptive_step", 0.0),
+        ("adaptive_step", 1.5),
+        ("adaptive_loss_eps", -0.1),
+        ("replay_buffer_size", 0),
+        ("replay_buffer_size", 2.5),
+        ("max_new_tokens", 0),
+        ("generation_temperature", 0.0),
+        ("generation_temperature", math.inf),
+        ("generation_top_p", 0.0),
+        ("generation_top_p", 1.1),
+        ("generation_top_k", -1),
+        ("generation_top_k", 1.5),
+        ("generation_kwargs", "greedy"),
+        ("generation_kwargs", {"num_return_sequences": 2}),
+    ],
+)
+def test_invalid_on_policy_values_raise_naming_the_field(tmp_path, field_name, value):
+    with pytest.raises(ValueError, match=f"`{field_name}`"):
+        make_config(tmp_path, **{field_name: value})
+
+
+@pytest.mark.parametrize("overrides", [{"packing": True}, {"padding_free": True}])
+def test_on_policy_refuses_packed_batches(tmp_path, overrides):
+    with pytest.raises(ValueError, match="packing=False"):
+        make_config(tmp_path, lmbda=0.5, max_length=64, **overrides)
+    make_config(tmp_path, max_length=64, **overrides)  # fine off-policy
+
+
+def test_adaptive_schedule_needs_an_eval_strategy(tmp_path):
+    with pytest.raises(ValueError, match="eval_strategy"):
+        make_config(tmp_path, on_policy_schedule="adaptive")
+    config = make_config(tmp_path, on_policy_schedule="adaptive", eval_strategy="steps")
+    assert config.lmbda == 0.0  # the authors' start: off-policy until the eval loss worsens
+
+
+def test_on_policy_command_line(tmp_path):
+    parser = HfArgumentParser(ABKDConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--report_to", "none",
+            "--lmbda", "0.5", "--seq_kd", "--on_policy_schedule", "adaptive",
+            "--eval_strategy", "steps", "--adaptive_step", "0.2", "--adaptive_loss_eps", "0.05",
+            "--replay_buffer_size", "64", "--max_new_tokens", "32",
+            "--generation_temperature", "0.8", "--generation_top_p", "0.95",
+            "--generation_top_k", "50", "--generation_kwargs", '{"repetition_penalty": 1.1}',
+            "--ds3_gather_for_generation", "false",
+        ]
+    )  # fmt: skip
+    assert (config.lmbda, config.seq_kd, config.on_policy_schedule) == (0.5, True, "adaptive")
+    assert (config.adaptive_step, config.adaptive_loss_eps, config.replay_buffer_size) == (
+        0.2,
+        0.05,
+        64,
+    )
+    assert (config.max_new_tokens, config.generation_temperature) == (32, 0.8)
+    assert (config.generation_top_p, config.generation_top_k) == (0.95, 50)
+    assert config.generation_kwargs == {"repetition_penalty": 1.1}
+    assert config.ds3_gather_for_generation is False

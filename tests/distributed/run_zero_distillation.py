@@ -8,7 +8,8 @@ under ZeRO-3 they are partitioned while loading, as a real run would do.
 
 Each rank writes ``<report_dir>/rank<R>.json``: how the student and teacher engines hold their
 parameters and optimizer state (after training), plus, from every rank, the logged loss and
-grad-norm trajectory. With ``--save_final`` the run also calls ``trainer.save_model`` and rank 0
+grad-norm trajectory (with ``--lmbda``, also the on-policy fraction and completion length of each
+step). With ``--save_final`` the run also calls ``trainer.save_model`` and rank 0
 writes the live (gathered) student weights to ``<report_dir>/gathered_student.safetensors`` so that
 the test can compare them with what ``save_model`` wrote.
 """
@@ -33,7 +34,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: testing_utils
-from testing_utils import build_text_dataset  # noqa: E402
+from testing_utils import build_prompt_completion_dataset, build_text_dataset  # noqa: E402
 
 from abkd_trainer import ABKDConfig, ABKDTrainer  # noqa: E402
 from abkd_trainer.distributed import (  # noqa: E402
@@ -60,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save_steps", type=int, default=3)
     parser.add_argument("--resume_from_checkpoint", default=None)
     parser.add_argument("--save_final", action="store_true", help="call trainer.save_model")
+    # On-policy distillation: prompt/completion data, completions sampled by the student.
+    parser.add_argument("--lmbda", type=float, default=0.0)
+    parser.add_argument("--max_new_tokens", type=int, default=8)
+    parser.add_argument("--ds3_gather_for_generation", choices=("true", "false"), default="true")
     # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment.
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -136,6 +141,9 @@ def main() -> None:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        lmbda=args.lmbda,
+        max_new_tokens=args.max_new_tokens,
+        ds3_gather_for_generation=args.ds3_gather_for_generation == "true",
     )
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
@@ -144,7 +152,12 @@ def main() -> None:
         model=student,
         teacher_model=teacher,
         args=training_args,
-        train_dataset=build_text_dataset(NUM_EXAMPLES),
+        # On-policy sampling needs prompts; off-policy runs keep supervising every token.
+        train_dataset=(
+            build_prompt_completion_dataset(NUM_EXAMPLES)
+            if args.lmbda > 0
+            else build_text_dataset(NUM_EXAMPLES)
+        ),
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -155,7 +168,13 @@ def main() -> None:
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "history": [
-            {"step": entry["step"], "loss": entry["loss"], "grad_norm": entry.get("grad_norm")}
+            {
+                "step": entry["step"],
+                "loss": entry["loss"],
+                "grad_norm": entry.get("grad_norm"),
+                "on_policy_fraction": entry.get("on_policy_fraction"),
+                "completion_length": entry.get("completion_length"),
+            }
             for entry in trainer.state.log_history
             if "loss" in entry
         ],

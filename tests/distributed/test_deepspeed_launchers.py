@@ -171,6 +171,7 @@ class Launches:
         stage: int | None,
         *,
         resume_from: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> Run:
         if name in self._runs:
             return self._runs[name]
@@ -188,6 +189,7 @@ class Launches:
         ]
         if resume_from is not None:
             script_args.append(f"--resume_from_checkpoint={resume_from}")
+        script_args.extend(extra_args)
         port = str(_free_port())
         if launcher is None:  # the reference: one plain process, the whole global batch
             commands = [[sys.executable, *script_args,
@@ -196,6 +198,9 @@ class Launches:
             commands = [[str(BIN / "torchrun"), f"--nproc_per_node={WORLD_SIZE}",
                          f"--master_port={port}", *script_args,
                          f"--deepspeed={self.deepspeed_config(stage)}"]]  # fmt: skip
+        elif launcher == "torchrun-ddp":  # plain data parallelism on CPU (gloo), no DeepSpeed
+            commands = [[str(BIN / "torchrun"), f"--nproc_per_node={WORLD_SIZE}",
+                         f"--master_port={port}", *script_args]]  # fmt: skip
         elif launcher == "torchrun-2-nodes":
             # Two torchrun agents, one rank each, as on two machines: every rank is local rank 0.
             commands = [[str(BIN / "torchrun"), f"--nnodes={WORLD_SIZE}", "--nproc_per_node=1",
