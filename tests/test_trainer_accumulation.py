@@ -80,6 +80,7 @@ def test_logged_metrics_are_token_weighted_over_accumulation(tmp_path, arch):
         per_device_train_batch_size=1,
         gradient_accumulation_steps=4,
         max_steps=1,
+        ab_warmup_ratio=0.0,  # the reference uses the configured (alpha, beta)
     )
     trainer.train()
     (log,) = [entry for entry in trainer.state.log_history if "kd_loss" in entry]

@@ -111,6 +111,7 @@ def test_lmbda_one_trains_exactly_on_the_students_samples(tmp_path, use_fused_lo
         teacher=teacher,
         lmbda=1.0,
         use_fused_loss=use_fused_loss,
+        ab_warmup_ratio=0.0,  # the loss reference uses the configured (alpha, beta)
     )
     recorder = Recorder(trainer, ("student", student), ("teacher", teacher))
     trainer.train()
