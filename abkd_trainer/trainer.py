@@ -683,16 +683,7 @@ class ABKDTrainer(SFTTrainer):
                 chunk_size=self.args.loss_chunk_size,
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        sums = {
-            "kd_loss": output.divergence,
-            "ce_loss": output.cross_entropy,
-            "teacher_agreement": output.teacher_agreement,
-            "student_entropy": output.student_entropy,
-            "teacher_entropy": output.teacher_entropy,
-            "mean_token_accuracy": output.token_accuracy,
-            "num_supervised": output.num_tokens,
-        }
-        return loss, sums
+        return loss, _fused_output_sums(output)
 
     def _fused_cached_teacher_loss(
         self,
@@ -727,16 +718,7 @@ class ABKDTrainer(SFTTrainer):
                 chunk_size=self.args.loss_chunk_size,
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        sums = {
-            "kd_loss": output.divergence,
-            "ce_loss": output.cross_entropy,
-            "teacher_agreement": output.teacher_agreement,
-            "student_entropy": output.student_entropy,
-            "teacher_entropy": output.teacher_entropy,
-            "mean_token_accuracy": output.token_accuracy,
-            "num_supervised": output.num_tokens,
-        }
-        return loss, sums
+        return loss, _fused_output_sums(output)
 
     def _normalise(
         self,
@@ -866,6 +848,19 @@ def _next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
             "that builds labels."
         )
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
+    """The ``_METRIC_SUMS`` of a fused kernel's output (live or cached teacher alike)."""
+    return {
+        "kd_loss": output.divergence,
+        "ce_loss": output.cross_entropy,
+        "teacher_agreement": output.teacher_agreement,
+        "student_entropy": output.student_entropy,
+        "teacher_entropy": output.teacher_entropy,
+        "mean_token_accuracy": output.token_accuracy,
+        "num_supervised": output.num_tokens,
+    }
 
 
 def _input_token_count(inputs: dict[str, Any]) -> torch.Tensor:
