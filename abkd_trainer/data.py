@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abkd_trainer.batches import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset
 
@@ -32,7 +34,7 @@ DATA_FILE_BUILDERS: dict[str, str] = {
 }
 # Formats read as text, which must be UTF-8.
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
-IGNORE_INDEX = -100
+
 SFT_FORMATS = (
     "SFTTrainer's dataset formats are: a `text` column (language modelling; another column "
     "with `dataset_text_field`), `prompt` and `completion` columns (strings, or lists of chat "

@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from abkd_trainer.batches import IGNORE_INDEX
 from abkd_trainer.generation import CompletionSampler
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from abkd_trainer.config import ABKDConfig
-
-IGNORE_INDEX = -100
 
 
 class BatchSource(str, enum.Enum):

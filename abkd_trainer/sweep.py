@@ -239,8 +239,8 @@ def reference_kl(trainer: ABKDTrainer) -> float:
     """
     import torch
 
+    from abkd_trainer.batches import IGNORE_INDEX, next_token_targets
     from abkd_trainer.divergences import forward_kl
-    from abkd_trainer.trainer import IGNORE_INDEX, _next_token_targets
 
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     was_training = model.training
@@ -250,7 +250,7 @@ def reference_kl(trainer: ABKDTrainer) -> float:
     with torch.no_grad():
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
-            mask = _next_token_targets(batch).ne(IGNORE_INDEX)
+            mask = next_token_targets(batch).ne(IGNORE_INDEX)
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
             student_logits = model(**inputs, use_cache=False).logits[..., :vocab_size]
             teacher_logits = trainer.teacher_model(**inputs, use_cache=False).logits

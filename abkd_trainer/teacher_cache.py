@@ -519,18 +519,19 @@ class _Writer:
         """The cached rows of each example (its supervised positions, in order)."""
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+        from abkd_trainer.batches import next_token_targets
         from abkd_trainer.divergences.fused_linear import _project_into
-        from abkd_trainer.trainer import _final_hidden_states, _next_token_targets
+        from abkd_trainer.models import final_hidden_states
 
         batch = self.collator(examples)
-        targets = _next_token_targets(batch)
+        targets = next_token_targets(batch)
         model_inputs = {
             key: value.to(self.device) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
             if key not in ("labels", "shift_labels")
         }
         model_inputs["use_cache"] = False
-        hidden = self._forward(_final_hidden_states, model_inputs)
+        hidden = self._forward(final_hidden_states, model_inputs)
         supervised = targets.reshape(-1).ne(-100).to(hidden.device)
         hidden = hidden.reshape(-1, hidden.shape[-1])[supervised]
         head = self.teacher_module.get_output_embeddings()
@@ -663,11 +664,10 @@ def cache_teacher(
         The cache directory (``args.output_dir``), complete on every process.
     """
     from trl import SFTTrainer
-    from trl.trainer.utils import create_model_from_path
 
     from abkd_trainer import __version__
     from abkd_trainer.divergences.fused_linear import LogitTransform, default_fused_chunk_size
-    from abkd_trainer.trainer import _verify_fused_logits
+    from abkd_trainer.models import load_teacher, verify_fused_logits
 
     if log_prob_dtype not in LOG_PROB_DTYPES:
         raise ValueError(
@@ -684,10 +684,7 @@ def cache_teacher(
         )
     teacher_name = teacher_model if isinstance(teacher_model, str) else None
     if isinstance(teacher_model, str):
-        init_kwargs = dict(args.teacher_model_init_kwargs or {})
-        init_kwargs.setdefault("device_map", None)
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        teacher_model = create_model_from_path(teacher_model, **init_kwargs)
+        teacher_model = load_teacher(teacher_model, args)
     teacher_name = teacher_name or teacher_model.config.name_or_path or type(teacher_model).__name__
     teacher_model.requires_grad_(False)
 
@@ -714,7 +711,7 @@ def cache_teacher(
 
     zero3 = is_deepspeed_zero3_enabled()
     if not zero3:
-        _verify_fused_logits("teacher", teacher_model, transform)
+        verify_fused_logits("teacher", teacher_model, transform)
 
     splits = {"train": preparer.train_dataset}
     if preparer.eval_dataset is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import textwrap
 from collections.abc import Callable
@@ -14,10 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import is_peft_model
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
-    AutoTokenizer,
     DataCollator,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -30,12 +26,12 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
-    create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
     maybe_gather_lm_head_ctx,
 )
 
+from abkd_trainer.batches import IGNORE_INDEX, input_token_count, next_token_targets
 from abkd_trainer.checkpoints import prepare_output_dir
 from abkd_trainer.collapse_guard import CollapseGuardCallback
 from abkd_trainer.compatibility import check_position_limits
@@ -48,10 +44,19 @@ from abkd_trainer.divergences.coarsened import (
     coarsened_token_statistics,
     fused_linear_coarsened_divergence,
 )
-from abkd_trainer.divergences.fused_linear import LogitTransform, fused_linear_divergence
+from abkd_trainer.divergences.fused_linear import fused_linear_divergence
 from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
-from abkd_trainer.numerics import check_finite_outputs, check_finite_step, probe_input_ids
+from abkd_trainer.models import (
+    causal_lm,
+    check_shared_vocabulary,
+    check_startup_outputs,
+    final_hidden_states,
+    fused_logit_transforms,
+    load_teacher,
+    prepare_teacher,
+)
+from abkd_trainer.numerics import check_finite_step
 from abkd_trainer.on_policy import on_policy_batches_for_trainer, on_policy_settings
 from abkd_trainer.schedules import effective_warmup_ratio, scheduled_alpha_beta
 from abkd_trainer.teacher_cache import attach_teacher_cache, pop_cached_teacher
@@ -62,7 +67,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100
 # Divergence name -> {keyword of the divergence function: ABKDConfig field holding its value}.
 # (The AB pair follows abkd_trainer.schedules; see current_alpha_beta.)
 _DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
@@ -226,7 +230,7 @@ class ABKDTrainer(SFTTrainer):
         # teacher is created sharded (zero.Init) like the student.
         teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
-            teacher_model = self._load_teacher(teacher_model)
+            teacher_model = load_teacher(teacher_model, args)
         self._teacher_name = (
             self.teacher_cache.manifest.teacher
             if teacher_model is None
@@ -238,27 +242,40 @@ class ABKDTrainer(SFTTrainer):
         # Both logit tensors are compared over the tokenizer's real vocabulary; rows beyond it are
         # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
         self.vocab_size = len(self._tokenizer)
-        self._check_vocabularies(teacher_model, teacher_source)
-        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
+        check_shared_vocabulary(
+            self.model,
+            teacher_model,
+            self._tokenizer,
+            teacher_name=self._teacher_name,
+            teacher_source=teacher_source,
+            trust_remote_code=args.trust_remote_code,
+        )
+        # Role -> model as given; the teacher is absent when training from a cache.
+        models = {"student": self.model, "teacher": teacher_model}
+        models = {role: model for role, model in models.items() if model is not None}
         check_position_limits(
             args.max_length,
-            {role: model for role, model in models.items() if model is not None},
+            {role: causal_lm(model) for role, model in models.items()},
             packing=args.packing,
         )
 
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
 
-        self.teacher_model = None if teacher_model is None else self._prepare_teacher(teacher_model)
+        self.teacher_model = (
+            None
+            if teacher_model is None
+            else prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
+        )
 
         self.divergence_fn = get_divergence(args.divergence)
-        if args.use_fused_loss:
-            self._check_fused_loss_support(teacher_model)
+        # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
+        self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
         # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
         # per-step checks in compute_loss are the only ones (and the config-based logit transform
         # is trusted, as TRL's fused heads do).
         if not is_deepspeed_zero3_enabled():
-            self._check_startup_outputs(teacher_model)
+            check_startup_outputs(models, self.accelerator, self._logit_transforms)
         # The fused loss calls both backbones directly; routing those calls through the wrappers'
         # forward (DDP, DeepSpeed) keeps their hooks, e.g. ZeRO-3's gathering and gradient
         # reduction, working. TRL's DistillationTrainer does the same.
@@ -281,137 +298,6 @@ class ABKDTrainer(SFTTrainer):
         )
 
     # ------------------------------------------------------------------ set-up helpers
-
-    def _prepare_teacher(self, teacher_model: nn.Module) -> nn.Module:
-        """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device."""
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if self.is_deepspeed_enabled:
-            from abkd_trainer.distributed import prepare_deepspeed_teacher
-
-            teacher_model = prepare_deepspeed_teacher(teacher_model, self.accelerator)
-        else:
-            teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        # Not `return teacher_model.eval()`: a DeepSpeedEngine's eval() returns None.
-        teacher_model.eval()
-        return teacher_model
-
-    def _load_teacher(self, name_or_path: str) -> PreTrainedModel:
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        # The teacher goes whole onto the student's device; "auto" would spread it over every GPU.
-        init_kwargs.setdefault("device_map", None)
-        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        return create_model_from_path(name_or_path, **init_kwargs)
-
-    def _check_vocabularies(
-        self, teacher_model: nn.Module | None, teacher_source: str | None
-    ) -> None:
-        """Raise early if teacher and student cannot share the tokenizer ``self._tokenizer``.
-
-        (A teacher cache's tokenizer was checked against this one when it was attached.)
-        """
-        student_name = get_config_model_id(self.model.config) or type(self.model).__name__
-        widths = {f"student ({student_name})": self.model.config.get_text_config().vocab_size}
-        if teacher_model is not None:
-            widths[f"teacher ({self._teacher_name})"] = (
-                teacher_model.config.get_text_config().vocab_size
-            )
-        for who, width in widths.items():
-            if width < self.vocab_size:
-                raise ValueError(
-                    f"The {who} has {width} output logits but the tokenizer has "
-                    f"{self.vocab_size} tokens, so they cannot share it. Teacher and student must "
-                    "use the same tokenizer: pick a teacher from the student's model family "
-                    "(padded embedding rows are fine)."
-                )
-        if teacher_model is None:
-            return
-        teacher_tokenizer = self._teacher_tokenizer(teacher_model, teacher_source)
-        if teacher_tokenizer is None:
-            return
-        student_vocab = self._tokenizer.get_vocab()
-        teacher_vocab = teacher_tokenizer.get_vocab()
-        if student_vocab != teacher_vocab:
-            differing = sorted(
-                set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1]
-            )
-            raise ValueError(
-                f"The teacher's tokenizer ({teacher_tokenizer.name_or_path or self._teacher_name}, "
-                f"{len(teacher_vocab)} tokens) differs from the student's processing_class "
-                f"({self._tokenizer.name_or_path or 'given tokenizer'}, {len(student_vocab)} "
-                f"tokens); first differing entry (token, id): {differing[0]}. ABKD compares "
-                "next-token distributions id by id, so both models must share one vocabulary. Use "
-                "a teacher from the student's model family."
-            )
-
-    def _teacher_tokenizer(
-        self, teacher_model: nn.Module, teacher_source: str | None
-    ) -> PreTrainedTokenizerBase | None:
-        """The tokenizer saved with the teacher, when there is one to compare against."""
-        source = teacher_source or get_config_model_id(teacher_model.config)
-        # An instantiated teacher is only checked against a local tokenizer: looking a bare model id
-        # up on the Hub at construction would surprise users who built the teacher offline.
-        if not source or (teacher_source is None and not os.path.isdir(source)):
-            return None
-        try:
-            return AutoTokenizer.from_pretrained(
-                source, trust_remote_code=self.args.trust_remote_code
-            )
-        except (OSError, ValueError) as error:
-            logger.info(
-                f"No tokenizer found for the teacher at {source!r} ({error}); "
-                "skipping the vocabulary check."
-            )
-            return None
-
-    def _check_fused_loss_support(self, teacher_model: nn.Module | None) -> None:
-        """Raise early if ``use_fused_loss`` cannot reproduce a model's logits from its head."""
-        # (An adapter on `lm_head` is refused by SFTTrainer itself, whose log-probabilities are
-        # fused the same way.)
-        if is_peft_model(self.model):
-            from peft import PromptLearningConfig
-
-            if any(isinstance(c, PromptLearningConfig) for c in self.model.peft_config.values()):
-                raise ValueError(
-                    "`use_fused_loss=True` calls the student's decoder directly, which skips the "
-                    "virtual tokens of prompt-learning adapters (prompt/prefix tuning, P-tuning). "
-                    "Use a weight adapter such as LoRA, or set `use_fused_loss=False`."
-                )
-        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
-        models = {who: model for who, model in models.items() if model is not None}
-        for who, model in models.items():
-            head = model.get_output_embeddings()
-            if not isinstance(getattr(head, "weight", None), torch.Tensor):
-                raise ValueError(
-                    f"`use_fused_loss=True` needs the {who}'s LM head to be a linear layer with "
-                    f"a `weight`, but `get_output_embeddings()` returned {type(head).__name__}. "
-                    "Set `use_fused_loss=False` for this model."
-                )
-        self._logit_transforms = {
-            who: LogitTransform.from_config(model.config) for who, model in models.items()
-        }
-
-    def _check_startup_outputs(self, teacher_model: nn.Module | None) -> None:
-        """Run each model on a few tokens: refuse non-finite logits and, with ``use_fused_loss``,
-        logits that the fused loss would not rebuild.
-
-        Runs in eval mode under the autocast training uses (accelerate's, for ``bf16`` / ``fp16``),
-        so that both sides of the comparison are computed in the same precision.
-        """
-        models = {"student": _causal_lm(self.model), "teacher": teacher_model}
-        for who, causal_lm in models.items():
-            if causal_lm is None:  # training from a teacher cache
-                continue
-            was_training = causal_lm.training
-            causal_lm.eval()
-            try:
-                with self.accelerator.autocast():
-                    if self.args.use_fused_loss:
-                        _verify_fused_logits(who, causal_lm, self._logit_transforms[who])
-                    else:
-                        check_finite_outputs(who, causal_lm)
-            finally:
-                causal_lm.train(was_training)
 
     # ------------------------------------------------------------------ loss
 
@@ -445,7 +331,7 @@ class ABKDTrainer(SFTTrainer):
                 batch_samples, self.state.global_step, self.state.max_steps
             )
         num_items = sum(
-            _next_token_targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples
+            next_token_targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples
         ).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             num_items = self.accelerator.gather(num_items).sum()
@@ -460,7 +346,7 @@ class ABKDTrainer(SFTTrainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         mode = "train" if self.model.training else "eval"
         cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
-        targets = _next_token_targets(inputs)
+        targets = next_token_targets(inputs)
         # Same keyword inputs for both models: with packing these carry the position_ids that keep
         # packed documents from attending to each other.
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
@@ -518,7 +404,7 @@ class ABKDTrainer(SFTTrainer):
             training=mode == "train",
         )
         if mode == "train":
-            sums["num_input_tokens"] = _input_token_count(inputs)
+            sums["num_input_tokens"] = input_token_count(inputs)
         self._add_metric_sums(mode, sums)
         self._last_divergence_params[mode] = divergence_params
         return (loss, student_outputs) if return_outputs else loss
@@ -640,13 +526,13 @@ class ABKDTrainer(SFTTrainer):
         into one differentiable sum), the top-1 agreements, token accuracy and both entropies of
         the same pass.
         """
-        student_lm = _causal_lm(student)
-        student_hidden = _final_hidden_states(student_lm, model_inputs)
+        student_lm = causal_lm(student)
+        student_hidden = final_hidden_states(student_lm, model_inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, teacher, _final_hidden_states, teacher, model_inputs
+                self.teacher_model, teacher, final_hidden_states, teacher, model_inputs
             )
         student_head = student_lm.get_output_embeddings()
         teacher_head = teacher.get_output_embeddings()
@@ -695,8 +581,8 @@ class ABKDTrainer(SFTTrainer):
         cached_teacher: CachedTeacher,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
-        student_lm = _causal_lm(student)
-        student_hidden = _final_hidden_states(student_lm, model_inputs)
+        student_lm = causal_lm(student)
+        student_hidden = final_hidden_states(student_lm, model_inputs)
         head = student_lm.get_output_embeddings()
         transform = self._logit_transforms["student"]
         with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
@@ -833,23 +719,6 @@ class ABKDTrainer(SFTTrainer):
             shutil.copyfile(card_path, Path(output_dir) / "README.md")
 
 
-def _next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
-    """``(batch, seq)``: the token each position predicts, ``-100`` where none is supervised.
-
-    ``labels`` shifted left by one with ``-100`` appended (a collator's ready-made
-    ``shift_labels`` are used as they are). Aligned with the logits, so these need no slicing.
-    """
-    if "shift_labels" in batch:
-        return batch["shift_labels"]
-    if "labels" not in batch:
-        raise ValueError(
-            "ABKDTrainer needs `labels` in every batch (-100 where a token is not supervised); "
-            f"the batch has {sorted(batch)}. Use SFTTrainer's dataset preparation or a collator "
-            "that builds labels."
-        )
-    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
     """The ``_METRIC_SUMS`` of a fused kernel's output (live or cached teacher alike)."""
     return {
@@ -861,70 +730,6 @@ def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
         "mean_token_accuracy": output.token_accuracy,
         "num_supervised": output.num_tokens,
     }
-
-
-def _input_token_count(inputs: dict[str, Any]) -> torch.Tensor:
-    """Input tokens of a batch, padding excluded, as SFTTrainer counts them for ``num_tokens``.
-
-    ``attention_mask.sum()``, or the packed length of a padding-free batch (``position_ids`` of
-    shape ``(1, N)`` and no attention mask).
-    """
-    if "attention_mask" in inputs:
-        return inputs["attention_mask"].sum()
-    if "position_ids" in inputs:
-        return torch.tensor(inputs["position_ids"].shape[1], device=inputs["position_ids"].device)
-    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside ``model`` (a PEFT model's base, with its adapters)."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def _final_hidden_states(causal_lm: nn.Module, model_inputs: dict[str, Any]) -> torch.Tensor:
-    """``(batch, seq, H)`` hidden states the LM head would project (after the final norm).
-
-    ``base_model`` is the decoder of a causal LM (``model``, ``transformer``, ...): what the
-    model's own forward runs before its LM head.
-    """
-    return causal_lm.base_model(**model_inputs).last_hidden_state
-
-
-@torch.no_grad()
-def _verify_fused_logits(who: str, causal_lm: nn.Module, transform: LogitTransform) -> None:
-    """Raise unless ``transform(lm_head(decoder(x)))`` reproduces ``causal_lm(x).logits``.
-
-    The fused loss rebuilds the logits from the decoder's output and the head's weights; a model
-    whose forward does something else to them (an unknown scaling, a second head) would silently
-    train on another objective. One short forward of each kind settles it. Call it in eval mode
-    and under the autocast of training: both sides then round the same way (under bf16 autocast
-    the LM head's GEMM runs in bf16 on both), so the comparison is like with like.
-    Non-finite logits are refused first (``nan > tolerance`` would be False).
-    """
-    input_ids = probe_input_ids(causal_lm)
-    logits = causal_lm(input_ids=input_ids, use_cache=False).logits
-    check_finite_outputs(who, causal_lm, logits)
-    hidden = _final_hidden_states(causal_lm, {"input_ids": input_ids, "use_cache": False})
-    head = causal_lm.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    rebuilt = transform.apply_(F.linear(hidden, head.weight, bias).float())
-    logits = logits.float()
-    # 16-bit logits are rounded (bf16: 8 significant bits); a missed transform is off by far more.
-    device_type = hidden.device.type
-    half_precision = hidden.dtype in (torch.float16, torch.bfloat16) or (
-        torch.is_autocast_enabled(device_type)
-        and torch.get_autocast_dtype(device_type) in (torch.float16, torch.bfloat16)
-    )
-    tolerance = 3e-2 if half_precision else 1e-4
-    error = (logits - rebuilt).abs().max().item() if logits.shape == rebuilt.shape else math.inf
-    scale = max(1.0, logits.abs().max().item())
-    if not error <= tolerance * scale:
-        raise ValueError(
-            f"`use_fused_loss=True` rebuilds the {who}'s logits as lm_head(decoder output) with "
-            f"logit scale {transform.scale} and soft-cap {transform.softcap}, but this "
-            f"{type(causal_lm).__name__} computes something else (max difference {error:.3g}). "
-            "Set `use_fused_loss=False` for this model."
-        )
 
 
 def _as_abkd_config(args: ABKDConfig | TrainingArguments | None, model: Any) -> ABKDConfig:

@@ -46,16 +46,14 @@ from abkd_trainer.divergences.fused_linear import (
     IGNORE_INDEX,
     FusedLinearDistillationOutput,
     LogitTransform,
-    _accumulator_dtype,
-    _add_product_,
+    TileEvaluator,
     _cross_entropy_and_grad,
     _gemm_dtype,
     _pointwise_rows,
-    _project_into,
     _resolve_divergence,
-    _tiles,
     _validate_head,
     default_fused_chunk_size,
+    walk_student_tiles,
 )
 from abkd_trainer.divergences.pointwise import PointwiseDivergence
 from abkd_trainer.divergences.statistics import TokenStatistics, log_probs_and_entropy
@@ -484,67 +482,30 @@ def _walk_coarsened_tiles(
     needs_grad: tuple[bool, bool, bool],
     row_grad_weights: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
-    """Project ``chunk_size`` rows at a time into one fp32 buffer, evaluate small sub-tiles.
-
-    Returns the per-row values (``_PER_ROW_FIELDS``, only the divergence without labels) and the
-    gradients of
+    """``fused_linear.walk_student_tiles`` against the cached rows: the per-row values
+    (``_PER_ROW_FIELDS``, only the divergence without labels) and the gradients of
     ``sum_i r_i loss_i`` (``r = row_grad_weights``, 1 if None) for the student's hidden states,
-    head weight and bias, as ``fused_linear`` does for a live teacher.
-    """
-    vocab = spec.vocab_size
+    head weight and bias, with fp32 (or wider) logits."""
     device = student_hidden.device
+
+    def teacher_of_chunk(rows: slice) -> TileEvaluator:
+        def evaluate(student_logits, part, absolute, compute_grad):
+            return _coarsened_tile(
+                student_logits,
+                topk_ids[absolute],
+                teacher_buckets[absolute],
+                None if labels is None else labels[absolute],
+                spec,
+                compute_grad,
+            )
+
+        return evaluate
+
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        head = student_weight[:vocab].to(spec.student_dtype)
-        head_bias = None if student_bias is None else student_bias[:vocab]
-        num_rows = student_hidden.shape[0]
-        work_dtype = torch.promote_types(spec.student_dtype, torch.float32)
-        num_fields = len(_PER_ROW_FIELDS) if spec.with_labels else 1
-        per_row = tuple(
-            torch.zeros(num_rows, dtype=work_dtype, device=device) for _ in range(num_fields)
-        )
-        compute_grad = any(needs_grad)
-        grads = [
-            torch.zeros(t.shape, dtype=_accumulator_dtype(t.dtype), device=device)
-            if needed
-            else None
-            for t, needed in zip(
-                (student_hidden, student_weight, student_bias), needs_grad, strict=True
-            )
-        ]
-        grad_hidden, grad_weight, grad_bias = grads
-        buffer = torch.empty(
-            (min(spec.chunk_size, num_rows), vocab), dtype=work_dtype, device=device
-        )
-        for rows in _tiles(num_rows, spec.chunk_size):
-            hidden_tile = student_hidden[rows].to(spec.student_dtype)
-            logits = spec.student_transform.apply_(
-                _project_into(buffer[: rows.stop - rows.start], hidden_tile, head, head_bias)
-            )
-            for part in _tiles(rows.stop - rows.start, spec.pointwise_rows):
-                absolute = slice(rows.start + part.start, rows.start + part.stop)
-                part_values, part_grad = _coarsened_tile(
-                    logits[part],
-                    topk_ids[absolute],
-                    teacher_buckets[absolute],
-                    None if labels is None else labels[absolute],
-                    spec,
-                    compute_grad,
-                )
-                for values, part_value in zip(per_row, part_values, strict=True):
-                    values[absolute] = part_value
-                if part_grad is not None:
-                    logits[part] = part_grad  # these logits are spent: keep the gradient here
-            if not compute_grad:
-                continue
-            if row_grad_weights is not None:
-                logits.mul_(row_grad_weights[rows].unsqueeze(-1).to(logits.dtype))
-            if grad_hidden is not None:
-                grad_hidden[rows] = torch.mm(logits.to(spec.student_dtype), head)
-            if grad_weight is not None:
-                _add_product_(grad_weight[:vocab], logits.t(), hidden_tile, spec.student_dtype)
-            if grad_bias is not None:
-                grad_bias[:vocab] += logits.sum(dim=0).to(grad_bias.dtype)
-    return per_row, (grad_hidden, grad_weight, grad_bias)
+        return walk_student_tiles(
+            student_hidden, student_weight, student_bias, spec, needs_grad, row_grad_weights,
+            torch.promote_types(spec.student_dtype, torch.float32), teacher_of_chunk,
+        )  # fmt: skip
 
 
 def _row_loss(per_row: tuple[torch.Tensor, ...], spec: _CoarsenedSpec) -> torch.Tensor:

@@ -38,7 +38,7 @@ fp32 accumulator the size of the student's head weight; never an ``(N, V)`` tens
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -392,82 +392,124 @@ def _walk_tiles_impl(
     row_grad_weights: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     vocab = spec.vocab_size
-    # Row slices of the real vocabulary are views (no copy): padded rows never enter the softmax.
     # A head in another dtype than its GEMM (autocast, fp32 master weights) is cast once here.
-    student_head = student_weight[:vocab].to(spec.student_dtype)
     teacher_head = teacher_weight[:vocab].to(spec.teacher_dtype)
-    student_head_bias = None if student_bias is None else student_bias[:vocab]
     teacher_head_bias = None if teacher_bias is None else teacher_bias[:vocab]
-
-    num_rows = student_hidden.shape[0]
-    device = student_hidden.device
     # fp32 logits for 16-bit and fp32 models, float64 for float64 (as the logits-based path does).
     work_dtype = torch.promote_types(
         torch.promote_types(spec.student_dtype, spec.teacher_dtype), torch.float32
     )
-    num_fields = len(_PER_ROW_FIELDS) if spec.with_labels else 1
-    per_row = torch.zeros((num_fields, num_rows), dtype=work_dtype, device=device)
+    teacher_buffer = torch.empty(
+        (min(spec.chunk_size, student_hidden.shape[0]), vocab),
+        dtype=work_dtype,
+        device=student_hidden.device,
+    )
 
-    hidden_grad_needed, weight_grad_needed, bias_grad_needed = needs_grad
-    compute_grad = any(needs_grad)
-    grad_hidden = grad_weight = grad_bias = None
-    if hidden_grad_needed:
-        grad_hidden = torch.zeros(
-            student_hidden.shape, dtype=_accumulator_dtype(student_hidden.dtype), device=device
-        )
-    if weight_grad_needed:
-        grad_weight = torch.zeros(
-            student_weight.shape, dtype=_accumulator_dtype(student_weight.dtype), device=device
-        )
-    if bias_grad_needed:
-        grad_bias = torch.zeros(
-            student_bias.shape, dtype=_accumulator_dtype(student_bias.dtype), device=device
-        )
-
-    buffer_rows = min(spec.chunk_size, num_rows)
-    student_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
-    teacher_buffer = torch.empty((buffer_rows, vocab), dtype=work_dtype, device=device)
-
-    for rows in _tiles(num_rows, spec.chunk_size):
-        count = rows.stop - rows.start
-        hidden_tile = student_hidden[rows].to(spec.student_dtype)
-        student_logits = spec.student_transform.apply_(
-            _project_into(student_buffer[:count], hidden_tile, student_head, student_head_bias)
-        )
+    def teacher_of_chunk(rows: slice) -> TileEvaluator:
         teacher_logits = spec.teacher_transform.apply_(
             _project_into(
-                teacher_buffer[:count],
+                teacher_buffer[: rows.stop - rows.start],
                 teacher_hidden[rows].to(spec.teacher_dtype),
                 teacher_head,
                 teacher_head_bias,
             )
         )
-        for part in _tiles(count, spec.pointwise_rows):
-            absolute = slice(rows.start + part.start, rows.start + part.stop)
-            part_values, part_grad = _divergence_tile(
-                student_logits[part],
+
+        def evaluate(student_logits, part, absolute, compute_grad):
+            return _divergence_tile(
+                student_logits,
                 teacher_logits[part],
                 None if labels is None else labels[absolute],
                 spec,
                 compute_grad,
             )
-            per_row[:, absolute] = torch.stack(part_values)
+
+        return evaluate
+
+    return walk_student_tiles(
+        student_hidden, student_weight, student_bias, spec, needs_grad, row_grad_weights,
+        work_dtype, teacher_of_chunk,
+    )  # fmt: skip
+
+
+# The teacher's side of one chunk of rows: ``(student_logits, part, absolute, compute_grad) ->
+# (per_row, grad)`` for a sub-tile, given its transformed student logits ``(m, V)``, its rows
+# within the chunk (``part``) and in the whole input (``absolute``). ``per_row`` are the sub-tile's
+# values ``(m,)`` in ``_PER_ROW_FIELDS`` order (only the divergence without labels); ``grad``
+# (``compute_grad`` only) is the loss gradient with respect to the student's raw logits ``(m, V)``.
+TileEvaluator = Callable[
+    [torch.Tensor, slice, slice, bool], tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
+]
+
+
+def walk_student_tiles(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    spec: Any,
+    needs_grad: tuple[bool, bool, bool],
+    row_grad_weights: torch.Tensor | None,
+    work_dtype: torch.dtype,
+    teacher_of_chunk: Callable[[slice], TileEvaluator],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    """The tile loop of the fused kernels, whatever the teacher (live here, cached in
+    :mod:`~abkd_trainer.divergences.coarsened`).
+
+    Projects ``spec.chunk_size`` rows of the student at a time into one ``work_dtype`` buffer,
+    asks ``teacher_of_chunk(rows)`` for the evaluator of those rows, evaluates sub-tiles of
+    ``spec.pointwise_rows`` rows with it, and turns the logit gradients into those of the
+    student's (hidden, weight, bias) that ``needs_grad`` selects: the gradients of
+    ``sum_i r_i * loss_i`` with ``r = row_grad_weights`` (1 if None), for the whole ``(V_head, H)``
+    weight (zero in rows from ``vocab_size`` on), in fp32 or wider. ``spec`` carries
+    ``vocab_size``, ``chunk_size``, ``pointwise_rows``, ``with_labels``, ``student_dtype`` and
+    ``student_transform``. Call it under ``torch.no_grad()`` with autocast disabled.
+
+    Returns the per-row values ``(n,)`` in ``_PER_ROW_FIELDS`` order (only the divergence without
+    labels) and the three gradients (None where not needed).
+    """
+    vocab = spec.vocab_size
+    # Row slices of the real vocabulary are views (no copy): padded rows never enter the softmax.
+    head = student_weight[:vocab].to(spec.student_dtype)
+    head_bias = None if student_bias is None else student_bias[:vocab]
+    num_rows = student_hidden.shape[0]
+    device = student_hidden.device
+    num_fields = len(_PER_ROW_FIELDS) if spec.with_labels else 1
+    per_row = torch.zeros((num_fields, num_rows), dtype=work_dtype, device=device)
+    compute_grad = any(needs_grad)
+    grad_hidden, grad_weight, grad_bias = (
+        torch.zeros(t.shape, dtype=_accumulator_dtype(t.dtype), device=device) if needed else None
+        for t, needed in zip(
+            (student_hidden, student_weight, student_bias), needs_grad, strict=True
+        )
+    )
+    buffer = torch.empty((min(spec.chunk_size, num_rows), vocab), dtype=work_dtype, device=device)
+    for rows in _tiles(num_rows, spec.chunk_size):
+        count = rows.stop - rows.start
+        hidden_tile = student_hidden[rows].to(spec.student_dtype)
+        logits = spec.student_transform.apply_(
+            _project_into(buffer[:count], hidden_tile, head, head_bias)
+        )
+        evaluate = teacher_of_chunk(rows)
+        for part in _tiles(count, spec.pointwise_rows):
+            absolute = slice(rows.start + part.start, rows.start + part.stop)
+            part_values, part_grad = evaluate(logits[part], part, absolute, compute_grad)
+            for values, part_value in zip(per_row, part_values, strict=True):
+                values[absolute] = part_value
             if part_grad is not None:
                 # These logits are spent: their rows of the buffer now hold the gradient.
-                student_logits[part] = part_grad
+                logits[part] = part_grad
         if not compute_grad:
             continue
-        grad_tile = student_logits
         if row_grad_weights is not None:
-            grad_tile.mul_(row_grad_weights[rows].unsqueeze(-1).to(grad_tile.dtype))
+            logits.mul_(row_grad_weights[rows].unsqueeze(-1).to(logits.dtype))
         if grad_hidden is not None:
             # One GEMM, in the forward GEMM's dtype, spans the whole vocabulary of these rows:
             # there is no sum across tiles to round.
-            grad_hidden[rows] = torch.mm(grad_tile.to(spec.student_dtype), student_head)
+            grad_hidden[rows] = torch.mm(logits.to(spec.student_dtype), head)
         if grad_weight is not None:
-            _add_product_(grad_weight[:vocab], grad_tile.t(), hidden_tile, spec.student_dtype)
+            _add_product_(grad_weight[:vocab], logits.t(), hidden_tile, spec.student_dtype)
         if grad_bias is not None:
-            grad_bias[:vocab] += grad_tile.sum(dim=0).to(grad_bias.dtype)
+            grad_bias[:vocab] += logits.sum(dim=0).to(grad_bias.dtype)
 
     return tuple(per_row.unbind()), (grad_hidden, grad_weight, grad_bias)
 
