@@ -92,13 +92,15 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "eval_steps": 0.25,
     "save_strategy": "no",
 }
-# The demo sweep: the demo's settings (abkd_trainer.demo.DEMO_DEFAULTS) with 12 trials of 300
-# steps (the demo trains 1000) and three evaluations each. Sized for two CPU cores shared with
-# other jobs (load average ~9): 65-110 s per trial, at most 20 minutes in all.
+# The demo sweep: the demo's settings (abkd_trainer.demo.DEMO_DEFAULTS) with 12 shorter trials,
+# 300 steps of 32 sequences (the demo trains 1000 of 64), and three evaluations each. Sized for
+# two CPU cores shared with other jobs (load average ~9): 65-110 s per trial, at most 20 minutes
+# in all.
 SWEEP_DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "abkd-sweep-output",
     "n_trials": 12,
     "max_steps": 300,
+    "per_device_train_batch_size": 32,
     "eval_steps": 100,
     "logging_steps": 100,
     "rouge_l_eval": False,  # the sweep computes ROUGE-L as its objective itself
@@ -944,8 +946,8 @@ def _yaml_value(value: Any) -> Any:
 def explicit_train_arguments(argv: Sequence[str], demo: bool) -> dict[str, Any]:
     """The ``abkd-train`` settings given in ``--config`` and on the command line (no defaults).
 
-    The sweep's own flags are left out; for the demo, the trial length is added, since the
-    demo sweep's trials are shorter than the demo.
+    The sweep's own flags are left out; for the demo, the trial's length and batch size are
+    added, since the demo sweep's trials are shorter than the demo.
     """
     import yaml
 
@@ -964,7 +966,8 @@ def explicit_train_arguments(argv: Sequence[str], demo: bool) -> dict[str, Any]:
     sweep_only = {f.name for f in fields(SweepArguments)}
     explicit = {key: _yaml_value(value) for key, value in config.items() if key not in sweep_only}
     if demo:
-        explicit.setdefault("max_steps", SWEEP_DEMO_DEFAULTS["max_steps"])
+        for key in ("max_steps", "per_device_train_batch_size"):
+            explicit.setdefault(key, SWEEP_DEMO_DEFAULTS[key])
     return explicit
 
 

@@ -172,7 +172,8 @@ def test_explicit_train_arguments_keep_config_and_flags_but_not_sweep_flags(tmp_
     explicit = explicit_train_arguments(argv, demo=False)
 
     assert explicit == {"learning_rate": 0.001, "seed": 7, "lr_scheduler_type": "cosine"}
-    assert explicit_train_arguments([], demo=True) == {"max_steps": 300}
+    demo_trial = {"max_steps": 300, "per_device_train_batch_size": 32}
+    assert explicit_train_arguments([], demo=True) == demo_trial
 
 
 def test_sweep_arguments_and_directions_are_checked():
