@@ -1,0 +1,45 @@
+"""The demo task breakdown: every test prompt has a task, and the per-task scores add up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_task_breakdown.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("demo_task_breakdown", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+breakdown_script = _load_script()
+
+
+def test_every_demo_test_prompt_gets_its_task():
+    from abkd_trainer.demo import load_demo_dataset
+
+    prompts = load_demo_dataset()["test"]["prompt"]
+    tasks = Counter(breakdown_script.task_of(prompt) for prompt in prompts)
+    # 50 questions: "what color" (19), "what does" (18), "where does" (13).
+    assert tasks == {"describe": 40, "question": 50, "name": 18, "repeat": 47, "reverse": 45}
+    assert breakdown_script.task_of("question : reverse : fox owl answer :") == "reverse"
+    assert breakdown_script.task_of("question : where does the yak live ? answer :") == "question"
+
+
+def test_the_overall_score_is_the_prompt_weighted_mean_of_the_tasks():
+    from abkd_trainer.demo import DEMO_TEACHER_DIR
+
+    result = breakdown_script.breakdown(str(DEMO_TEACHER_DIR), seeds=[0], max_new_tokens=24)
+    counts = {"describe": 40, "question": 50, "name": 18, "repeat": 47, "reverse": 45}
+    weighted = sum(result[task] * n for task, n in counts.items()) / sum(counts.values())
+    assert abs(result["all"] - weighted) < 1e-9
+    # The teacher copies and reverses word lists (nearly) perfectly; describing is the open task.
+    assert result["repeat"] > 95 and result["reverse"] > 95
+    assert result["describe"] < result["repeat"]
+    assert result["all"] > 70
