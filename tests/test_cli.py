@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from testing_utils import (
     build_tiny_tokenizer,
     hub_no_network,
     hub_whoami,
+    load_script,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import is_torch_bf16_gpu_available
@@ -403,10 +403,7 @@ def test_a_failed_upload_keeps_the_report_and_says_how_to_retry(
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", name)
 
 
 def test_readme_configuration_reference_is_up_to_date():

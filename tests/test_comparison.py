@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -13,19 +10,14 @@ from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
     build_tiny_tokenizer,
+    load_script,
 )
 
 from abkd_trainer.comparison import METHODS, Comparison, Method, compare_divergences
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_divergences.py"
-
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_divergences_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/compare_divergences.py", "compare_divergences_script")
 
 
 @pytest.fixture

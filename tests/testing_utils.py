@@ -9,8 +9,12 @@ Names in this module are imported by the tests of several sub-packages: keep the
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -431,3 +435,19 @@ def hub_whoami(role: str = "write", *, create_repo: bool = False) -> Any:
         return hub_no_network(request)
 
     return handler
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str, module_name: str) -> ModuleType:
+    """Import a script of the repository (``benchmarks/x.py``, ``scripts/y.py``) as a module.
+
+    Registered in ``sys.modules`` under ``module_name``: dataclasses resolve their annotations
+    through it.
+    """
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_divergence.py"
 # Small enough to run in seconds, large enough (1 MiB per logits tensor) that every case's
 # temporaries and gradient are fresh pages, i.e. a visible rise in resident memory.
 TOKENS, VOCAB = 128, 2048
 TINY = ["--tokens", str(TOKENS), "--vocab", str(VOCAB)]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_divergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("benchmarks/bench_divergence.py", "bench_divergence")
 
 
 def test_json_run_reports_each_requested_case_from_its_own_process(capsys):

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_divergence.py"
 TINY = {"tokens": 24, "vocab": 96, "hidden": 16}
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_divergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("benchmarks/bench_divergence.py", "bench_divergence")
 # Liger-Kernel is a benchmark-only extra (``pip install -e ".[bench]"``), tested where installed.
 WITHOUT_LIGER = [name for name in bench.FUSED_CASES if name != "fused_liger_jsd"]
 

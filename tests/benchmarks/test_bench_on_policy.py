@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from testing_utils import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_on_policy.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_on_policy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("benchmarks/bench_on_policy.py", "bench_on_policy")
 
 TINY = {"init": "random", "batch_size": 4, "max_new_tokens": 5, "threads": 1, "steps": 2,
         "learning_rate": 1e-3, "seed": 0, "warmup": 0}  # fmt: skip

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from testing_utils import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_teacher_cache.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_teacher_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("benchmarks/bench_teacher_cache.py", "bench_teacher_cache")
 
 
 def test_tiny32k_pair_has_a_32k_vocabulary_and_one_token_per_word():

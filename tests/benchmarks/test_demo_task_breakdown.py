@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_task_breakdown.py"
+from testing_utils import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("demo_task_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-breakdown_script = _load_script()
+breakdown_script = load_script("benchmarks/demo_task_breakdown.py", "demo_task_breakdown")
 
 
 def test_every_demo_test_prompt_gets_its_task():
