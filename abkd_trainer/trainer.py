@@ -536,7 +536,6 @@ class ABKDTrainer(SFTTrainer):
             )
         student_head = student_lm.get_output_embeddings()
         teacher_head = teacher.get_output_embeddings()
-        student_transform = self._logit_transforms["student"]
         teacher_transform = self._logit_transforms["teacher"]
         # Under ZeRO-3 the heads are partitioned and their own forward (which would gather them)
         # never runs: gather them for the projection. The student's weight gradient is built
@@ -552,21 +551,11 @@ class ABKDTrainer(SFTTrainer):
                 student_head.weight,
                 teacher_hidden.to(student_hidden.device),
                 teacher_head.weight,
-                self.args.divergence,
-                divergence_params=divergence_params,
-                temperature=self.args.temperature,
-                labels=targets.to(student_hidden.device),
-                reduction="sum",
                 student_bias=getattr(student_head, "bias", None),
                 teacher_bias=getattr(teacher_head, "bias", None),
-                student_logit_scale=student_transform.scale,
-                student_logit_softcap=student_transform.softcap,
                 teacher_logit_scale=teacher_transform.scale,
                 teacher_logit_softcap=teacher_transform.softcap,
-                vocab_size=self.vocab_size,
-                divergence_weight=self.args.kd_ratio,
-                ce_weight=1.0 - self.args.kd_ratio,
-                chunk_size=self.args.loss_chunk_size,
+                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
         return loss, _fused_output_sums(output)
@@ -584,27 +573,40 @@ class ABKDTrainer(SFTTrainer):
         student_lm = causal_lm(student)
         student_hidden = final_hidden_states(student_lm, model_inputs)
         head = student_lm.get_output_embeddings()
-        transform = self._logit_transforms["student"]
         with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
             output = fused_linear_coarsened_divergence(
                 student_hidden,
                 head.weight,
                 cached_teacher,
-                self.args.divergence,
-                divergence_params=divergence_params,
-                temperature=self.args.temperature,
-                labels=targets.to(student_hidden.device),
-                reduction="sum",
                 student_bias=getattr(head, "bias", None),
-                student_logit_scale=transform.scale,
-                student_logit_softcap=transform.softcap,
-                vocab_size=self.vocab_size,
-                divergence_weight=self.args.kd_ratio,
-                ce_weight=1.0 - self.args.kd_ratio,
-                chunk_size=self.args.loss_chunk_size,
+                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
             )
         loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
         return loss, _fused_output_sums(output)
+
+    def _fused_kernel_kwargs(
+        self,
+        targets: torch.Tensor,
+        device: torch.device,
+        divergence_params: dict[str, float],
+    ) -> dict[str, Any]:
+        """The keyword arguments both fused kernels (live and cached teacher) take from the
+        configuration and the batch: the objective, the student's logit transform, the
+        ``(batch, seq)`` targets on the student's device, and a summed reduction."""
+        student_transform = self._logit_transforms["student"]
+        return {
+            "divergence": self.args.divergence,
+            "divergence_params": divergence_params,
+            "temperature": self.args.temperature,
+            "labels": targets.to(device),
+            "reduction": "sum",
+            "student_logit_scale": student_transform.scale,
+            "student_logit_softcap": student_transform.softcap,
+            "vocab_size": self.vocab_size,
+            "divergence_weight": self.args.kd_ratio,
+            "ce_weight": 1.0 - self.args.kd_ratio,
+            "chunk_size": self.args.loss_chunk_size,
+        }
 
     def _normalise(
         self,
