@@ -46,6 +46,7 @@ from abkd_trainer.divergences.coarsened import (
 )
 from abkd_trainer.divergences.fused_linear import fused_linear_divergence
 from abkd_trainer.divergences.statistics import token_statistics
+from abkd_trainer.hub import check_hub_access
 from abkd_trainer.model_card import add_distillation_section, add_rouge_l_results, hub_id_or_name
 from abkd_trainer.models import (
     causal_lm,
@@ -202,6 +203,10 @@ class ABKDTrainer(SFTTrainer):
                 "or pass its name instead."
             )
 
+        if args.push_to_hub and args.process_index == 0:
+            # Before Trainer creates the Hub repository, and long before the upload at the end:
+            # a Hub that cannot be written to fails here, with a message that names it.
+            check_hub_access(args.hub_token)
         check_sft_datasets(train_dataset, eval_dataset, args, formatting_func)
         super().__init__(
             model,

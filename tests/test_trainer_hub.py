@@ -14,9 +14,12 @@ from testing_utils import (
     build_prompt_completion_dataset,
     build_student_and_teacher,
     build_tiny_tokenizer,
+    hub_no_network,
+    hub_whoami,
 )
 
 from abkd_trainer.evaluation import RougeLCallback, prompts_and_references
+from abkd_trainer.hub import HubAccessError
 
 REQUIRED_TAGS = {"abkd", "knowledge-distillation", "trl"}
 
@@ -206,3 +209,16 @@ def test_model_card_without_an_evaluation_has_no_model_index(tmp_path):
     trainer = distilled_trainer(tmp_path)
     trainer.create_model_card()
     assert not ModelCard.load(tmp_path / "README.md").data.eval_results
+
+
+def test_push_to_hub_without_network_fails_at_construction_naming_the_hub(tmp_path, hub_http):
+    hub_http(hub_no_network)
+    with pytest.raises(HubAccessError, match=r"--push_to_hub: cannot reach the Hugging Face Hub"):
+        distilled_trainer(tmp_path / "run", push_to_hub=True, hub_model_id="acme/student")
+    assert not (tmp_path / "run").exists()  # nothing trained or written
+
+
+def test_push_to_hub_with_a_writable_token_constructs(tmp_path, hub_http):
+    hub_http(hub_whoami("write", create_repo=True))
+    trainer = distilled_trainer(tmp_path / "run", push_to_hub=True, hub_model_id="acme/student")
+    assert trainer.hub_model_id == "acme/student"
