@@ -132,6 +132,9 @@ class TransformersCompletionSampler:
         accelerator: the trainer's ``Accelerator``.
         generation_config: see :func:`build_generation_config`.
         gather_deepspeed3_params: see above.
+        max_total_length: the longest sequence (prompt + completion, in tokens) the models may
+            see, e.g. the smaller of both models' position limits; a call whose longest prompt
+            leaves less room than ``max_new_tokens`` samples shorter completions. None: no cap.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class TransformersCompletionSampler:
         accelerator: Accelerator,
         generation_config: GenerationConfig,
         gather_deepspeed3_params: bool = True,
+        max_total_length: int | None = None,
     ) -> None:
         if generation_config.pad_token_id is None:
             raise ValueError("On-policy sampling needs a pad token id in the generation config.")
@@ -147,7 +151,23 @@ class TransformersCompletionSampler:
         self.accelerator = accelerator
         self.generation_config = generation_config
         self.gather_deepspeed3_params = gather_deepspeed3_params
+        self.max_total_length = max_total_length
         self.eos_token_ids = _eos_token_ids(generation_config)
+
+    def _max_new_tokens(self, prompt_length: int) -> int:
+        """``max_new_tokens``, cut so that a prompt of ``prompt_length`` tokens and its completion
+        stay within ``max_total_length`` (learned position tables end there)."""
+        max_new_tokens = self.generation_config.max_new_tokens
+        if self.max_total_length is None:
+            return max_new_tokens
+        room = self.max_total_length - prompt_length
+        if room < 1:
+            raise ValueError(
+                f"A prompt of {prompt_length} tokens leaves no room for a completion within the "
+                f"models' {self.max_total_length} positions; lower `max_length` so that prompts "
+                "are shorter than the position limit."
+            )
+        return min(max_new_tokens, room)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -155,16 +175,19 @@ class TransformersCompletionSampler:
             return []
         model = self.get_model()
         inputs = left_pad(prompts, self.generation_config.pad_token_id)
+        max_new_tokens = self._max_new_tokens(inputs["input_ids"].size(1))
         with unwrap_model_for_generation(
             model, self.accelerator, gather_deepspeed3_params=self.gather_deepspeed3_params
         ) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
             try:
-                sequences = unwrapped.generate(**inputs, generation_config=self.generation_config)
+                sequences = unwrapped.generate(
+                    **inputs,
+                    generation_config=self.generation_config,
+                    max_new_tokens=max_new_tokens,
+                )
             finally:
                 unwrapped.train(was_training)
         generated = sequences[:, inputs["input_ids"].size(1) :]
-        return trim_completions(
-            generated, self.eos_token_ids, self.generation_config.max_new_tokens
-        )
+        return trim_completions(generated, self.eos_token_ids, max_new_tokens)

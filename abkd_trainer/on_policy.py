@@ -541,7 +541,9 @@ def on_policy_batches_for_trainer(trainer: Any) -> OnPolicyBatches:
     each call because the Trainer wraps it when training starts) and, with ``seq_kd``, the
     teacher.
     """
+    from abkd_trainer.compatibility import position_limit
     from abkd_trainer.generation import TransformersCompletionSampler, build_generation_config
+    from abkd_trainer.models import causal_lm
 
     args = trainer.args
     if trainer.train_dataset is not None:
@@ -583,12 +585,22 @@ def on_policy_batches_for_trainer(trainer: Any) -> OnPolicyBatches:
         generation_kwargs=args.generation_kwargs,
     )
 
+    # Both models read every sampled sequence: neither may be asked past its positions.
+    models = [trainer.model, trainer.teacher_model]
+    limits = [
+        position_limit(causal_lm(trainer.accelerator.unwrap_model(model)))
+        for model in models
+        if model is not None
+    ]
+    limits = [limit for limit in limits if limit is not None]
+
     def sampler(get_model: Callable[[], Any]) -> TransformersCompletionSampler:
         return TransformersCompletionSampler(
             get_model,
             trainer.accelerator,
             generation_config,
             gather_deepspeed3_params=args.ds3_gather_for_generation,
+            max_total_length=min(limits) if limits else None,
         )
 
     def live_schedule() -> OnPolicySchedule:

@@ -70,7 +70,7 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
-def make_sampler(model, tokenizer, max_new_tokens=6):
+def make_sampler(model, tokenizer, max_new_tokens=6, max_total_length=None):
     config = build_generation_config(
         max_new_tokens=max_new_tokens,
         temperature=1.0,
@@ -79,7 +79,9 @@ def make_sampler(model, tokenizer, max_new_tokens=6):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return TransformersCompletionSampler(lambda: model, Accelerator(cpu=True), config)
+    return TransformersCompletionSampler(
+        lambda: model, Accelerator(cpu=True), config, max_total_length=max_total_length
+    )
 
 
 def test_sampler_matches_generate_per_prompt_and_restores_train_mode(tokenizer):
@@ -126,3 +128,30 @@ def test_sampler_is_reproducible_under_a_seed(tokenizer):
     second = [c.tolist() for c in sampler.sample(prompts)]
     assert first == second
     assert len({tuple(c) for c in first}) > 1  # identical prompts, different samples
+
+
+def test_completions_stop_at_the_models_positions(tokenizer):
+    # GPT-2's learned position table has 12 rows: 8 prompt tokens leave room for 4 new ones.
+    model = build_tiny_causal_lm("gpt2", tokenizer, hidden_size=16, num_layers=1, seed=0)
+    model.config.n_positions = 12
+    model.transformer.wpe.weight.data = model.transformer.wpe.weight.data[:12]
+    model.transformer.wpe.num_embeddings = 12
+    model.generation_config.eos_token_id = None  # no early stop: completions take all the room
+    prompts = [torch.arange(3, 11), torch.arange(3, 8)]  # 8 and 5 tokens
+    uncapped = make_sampler(model, tokenizer, max_new_tokens=6)
+    uncapped.eos_token_ids = []
+    uncapped.generation_config.eos_token_id = None
+    with pytest.raises(IndexError):  # what a 14th position does to a learned table
+        uncapped.sample(prompts)
+
+    capped = make_sampler(model, tokenizer, max_new_tokens=6, max_total_length=12)
+    capped.eos_token_ids = []
+    capped.generation_config.eos_token_id = None
+    completions = capped.sample(prompts)
+    # The batch is left-padded to 8 tokens, so both rows get the 4 positions that are left.
+    assert [len(c) for c in completions] == [4, 4]
+    # Room to spare: max_new_tokens applies unchanged.
+    assert [len(c) for c in capped.sample([torch.arange(3, 6)])] == [6]
+
+    with pytest.raises(ValueError, match="leaves no room for a completion within the models' 12"):
+        capped.sample([torch.arange(3, 15)])

@@ -12,6 +12,7 @@ from testing_utils import (
     build_abkd_trainer,
     build_conversational_dataset,
     build_conversational_prompt_completion_dataset,
+    build_prompt_completion_dataset,
     build_student_and_teacher,
     build_text_dataset,
     build_tiny_tokenizer,
@@ -525,3 +526,29 @@ def test_model_card_records_the_on_policy_settings(tmp_path):
     off = on_policy_trainer(tmp_path / "off")
     off.create_model_card()
     assert "lmbda" not in ModelCard.load(tmp_path / "off" / "README.md").text
+
+
+def test_samples_never_pass_either_models_position_limit(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    student, teacher = build_student_and_teacher("gpt2", tokenizer)
+    prompts = build_prompt_completion_dataset()["prompt"]  # the trainer's default dataset
+    longest_prompt = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)
+    # The teacher's config allows 3 tokens after the longest prompt; the student allows more.
+    limit = longest_prompt + 3
+    teacher.config.n_positions = limit
+    trainer = on_policy_trainer(
+        tmp_path,
+        tokenizer=tokenizer,
+        student=student,
+        teacher=teacher,
+        lmbda=1.0,
+        max_new_tokens=12,
+        max_length=limit,
+    )
+    recorder = Recorder(trainer, ("student", student))
+    trainer.train()
+
+    lengths = [int(mask.sum()) for batch, _ in recorder.losses for mask in batch["attention_mask"]]
+    assert max(lengths) <= limit
+    completions = [len(c) for _, c in recorder.generated["student"]]
+    assert max(completions) < 12  # cut short: 12 new tokens would not fit
