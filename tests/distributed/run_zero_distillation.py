@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     # On-policy distillation: prompt/completion data, completions sampled by the student.
     parser.add_argument("--lmbda", type=float, default=0.0)
     parser.add_argument("--max_new_tokens", type=int, default=8)
+    parser.add_argument("--seq_kd", action="store_true", help="train on the teacher's samples")
     parser.add_argument("--ds3_gather_for_generation", choices=("true", "false"), default="true")
     # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment.
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -142,6 +143,7 @@ def main() -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
         lmbda=args.lmbda,
+        seq_kd=args.seq_kd,
         max_new_tokens=args.max_new_tokens,
         ds3_gather_for_generation=args.ds3_gather_for_generation == "true",
     )
@@ -155,7 +157,7 @@ def main() -> None:
         # On-policy sampling needs prompts; off-policy runs keep supervising every token.
         train_dataset=(
             build_prompt_completion_dataset(NUM_EXAMPLES)
-            if args.lmbda > 0
+            if args.lmbda > 0 or args.seq_kd
             else build_text_dataset(NUM_EXAMPLES)
         ),
         processing_class=tokenizer,
@@ -174,6 +176,7 @@ def main() -> None:
                 "grad_norm": entry.get("grad_norm"),
                 "on_policy_fraction": entry.get("on_policy_fraction"),
                 "completion_length": entry.get("completion_length"),
+                "teacher_sampled_fraction": entry.get("teacher_sampled_fraction"),
             }
             for entry in trainer.state.log_history
             if "loss" in entry

@@ -1,4 +1,5 @@
-"""On-policy distillation (``lmbda=1``) on two CPU ranks under ZeRO-3, against plain DDP.
+"""On-policy distillation (``lmbda=1``) and sequence-level KD (``seq_kd``) on two CPU ranks under
+ZeRO-3, against plain DDP.
 
 ``run_zero_distillation.py --lmbda 1`` on prompt/completion data: every micro-batch's completions
 are sampled by the student on each rank, then scored by the teacher. Three ``torchrun`` launches
@@ -7,7 +8,8 @@ weights gathered for generation, and ZeRO-3 generating from the partitioned stud
 fetched as the forward reaches them, ranks kept in step by ``synced_gpus``). Sampling is seeded
 per (step, rank), so all three sample the same completions; equal loss and gradient-norm
 trajectories then show that generation, the teacher's scoring of the sampled sequences and the
-token normalisation across ranks behave the same with both models partitioned.
+token normalisation across ranks behave the same with both models partitioned. With ``seq_kd``
+the teacher samples instead, so generation runs on its partitioned inference engine.
 """
 
 from __future__ import annotations
@@ -52,3 +54,43 @@ def test_zero3_on_policy_run_partitions_both_models_and_matches_ddp(launches):
             assert [entry["completion_length"] for entry in report["history"]] == [
                 entry["completion_length"] for entry in reference
             ]
+
+
+SEQ_KD_ARGS = ("--seq_kd", "--max_new_tokens=6")
+
+
+def test_zero3_seq_kd_samples_from_the_partitioned_teacher_and_matches_ddp(launches):
+    # seq_kd: every micro-batch's completions are sampled by the teacher, which under ZeRO-3 is
+    # a partitioned inference engine (gathered for generation, or not).
+    ddp = launches.run("ddp-seq-kd", "torchrun-ddp", None, extra_args=SEQ_KD_ARGS)
+    gathered = launches.run("zero3-seq-kd", "torchrun", 3, extra_args=SEQ_KD_ARGS)
+    partitioned = launches.run(
+        "zero3-seq-kd-no-gather",
+        "torchrun",
+        3,
+        extra_args=(*SEQ_KD_ARGS, "--ds3_gather_for_generation=false"),
+    )
+
+    reference = ddp.reports[0]["history"]
+    assert [entry["step"] for entry in reference] == list(range(1, MAX_STEPS + 1))
+    for entry in reference:
+        assert entry["teacher_sampled_fraction"] == 1.0
+        assert entry["on_policy_fraction"] == 0.0
+        assert 1.0 <= entry["completion_length"] <= 6.0
+    for run in (gathered, partitioned):
+        for report in run.reports:
+            _assert_same_trajectory(report["history"], reference)
+            assert [entry["completion_length"] for entry in report["history"]] == [
+                entry["completion_length"] for entry in reference
+            ]
+    for rank, report in enumerate(gathered.reports):
+        _assert_rank_holds_its_share(report, rank, stage=3)
+    for report in partitioned.reports:
+        # Generating from the partitioned teacher puts its LM head into DeepSpeed's trace; the
+        # loss's teacher forward (the decoder only) then prefetches the head's weight (tied to the
+        # embedding), which is still gathered after the last step: one parameter, no more.
+        student, teacher = report["student"], report["teacher"]
+        assert student["num_not_available"] == student["num_params"]
+        assert student["visible_numel"] == 0
+        assert teacher["num_zero3_params"] == teacher["num_params"]
+        assert teacher["num_not_available"] >= teacher["num_params"] - 1
