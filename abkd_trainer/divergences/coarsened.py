@@ -56,7 +56,11 @@ from abkd_trainer.divergences.fused_linear import (
     walk_student_tiles,
 )
 from abkd_trainer.divergences.pointwise import PointwiseDivergence
-from abkd_trainer.divergences.statistics import TokenStatistics, log_probs_and_entropy
+from abkd_trainer.divergences.statistics import (
+    TokenStatistics,
+    log_probs_and_entropy,
+    statistics_against_teacher,
+)
 
 __all__ = [
     "CachedTeacher",
@@ -374,15 +378,8 @@ def cached_row_statistics(
     if student_entropy is None:
         student_entropy = log_probs_and_entropy(student_logits)[2]
     teacher_entropy = log_probs_and_entropy(teacher_bucket_log_probs)[2].to(student_entropy.dtype)
-    finite = torch.isfinite(student_entropy) & torch.isfinite(teacher_entropy)
-    student_top1 = student_logits.argmax(-1)
-    agreement = (student_top1 == topk_ids[:, 0]) & finite
-    accuracy = (student_top1 == labels) & torch.isfinite(student_entropy)
-    return TokenStatistics(
-        student_entropy=student_entropy,
-        teacher_entropy=teacher_entropy,
-        teacher_agreement=agreement.to(student_entropy.dtype),
-        token_accuracy=accuracy.to(student_entropy.dtype),
+    return statistics_against_teacher(
+        student_logits, student_entropy, teacher_entropy, topk_ids[:, 0], labels
     )
 
 

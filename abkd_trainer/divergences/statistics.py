@@ -74,9 +74,24 @@ def row_statistics(
     if student_entropy is None:
         student_entropy = log_probs_and_entropy(student_logits)[2]
     teacher_entropy = log_probs_and_entropy(teacher_logits)[2]
+    return statistics_against_teacher(
+        student_logits, student_entropy, teacher_entropy, teacher_logits.argmax(-1), labels
+    )
+
+
+def statistics_against_teacher(
+    student_logits: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    teacher_top1: torch.Tensor,
+    labels: torch.Tensor,
+) -> TokenStatistics:
+    """:class:`TokenStatistics` from the student's ``(n, V)`` logits and ``(n,)`` entropies and
+    whatever summary of the teacher there is: its ``(n,)`` entropies (nats) and top-1 ids (from
+    live logits or a cache). A row whose entropy is not finite never counts as agreeing."""
     finite = torch.isfinite(student_entropy) & torch.isfinite(teacher_entropy)
     student_top1 = student_logits.argmax(-1)
-    agreement = (student_top1 == teacher_logits.argmax(-1)) & finite
+    agreement = (student_top1 == teacher_top1) & finite
     accuracy = (student_top1 == labels) & torch.isfinite(student_entropy)
     return TokenStatistics(
         student_entropy=student_entropy,

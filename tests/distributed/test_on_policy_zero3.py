@@ -14,6 +14,8 @@ the teacher samples instead, so generation runs on its partitioned inference eng
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from test_deepspeed_launchers import (
     MAX_STEPS,
@@ -32,28 +34,38 @@ def launches(tmp_path_factory) -> Launches:
     return Launches(tmp_path_factory.mktemp("on_policy_zero3"))
 
 
-def test_zero3_on_policy_run_partitions_both_models_and_matches_ddp(launches):
-    ddp = launches.run("ddp-on-policy", "torchrun-ddp", None, extra_args=ON_POLICY_ARGS)
-    gathered = launches.run("zero3-on-policy", "torchrun", 3, extra_args=ON_POLICY_ARGS)
+def _sampling_runs(launches: Launches, name: str, args: tuple[str, ...]) -> tuple[Any, ...]:
+    """DDP (the reference), ZeRO-3 gathering the sampling model's weights for generation, and
+    ZeRO-3 generating from them partitioned; returns the reference history and the two runs,
+    after checking that both follow the reference step for step, completions included."""
+    ddp = launches.run(f"ddp-{name}", "torchrun-ddp", None, extra_args=args)
+    gathered = launches.run(f"zero3-{name}", "torchrun", 3, extra_args=args)
     partitioned = launches.run(
-        "zero3-on-policy-no-gather",
+        f"zero3-{name}-no-gather",
         "torchrun",
         3,
-        extra_args=(*ON_POLICY_ARGS, "--ds3_gather_for_generation=false"),
+        extra_args=(*args, "--ds3_gather_for_generation=false"),
     )
-
     reference = ddp.reports[0]["history"]
     assert [entry["step"] for entry in reference] == list(range(1, MAX_STEPS + 1))
     for entry in reference:
-        assert entry["on_policy_fraction"] == 1.0  # every sequence sampled by the student
         assert 1.0 <= entry["completion_length"] <= 6.0
     for run in (gathered, partitioned):
-        for rank, report in enumerate(run.reports):
-            _assert_rank_holds_its_share(report, rank, stage=3)
+        for report in run.reports:
             _assert_same_trajectory(report["history"], reference)
             assert [entry["completion_length"] for entry in report["history"]] == [
                 entry["completion_length"] for entry in reference
             ]
+    return reference, gathered, partitioned
+
+
+def test_zero3_on_policy_run_partitions_both_models_and_matches_ddp(launches):
+    reference, gathered, partitioned = _sampling_runs(launches, "on-policy", ON_POLICY_ARGS)
+    for entry in reference:
+        assert entry["on_policy_fraction"] == 1.0  # every sequence sampled by the student
+    for run in (gathered, partitioned):
+        for rank, report in enumerate(run.reports):
+            _assert_rank_holds_its_share(report, rank, stage=3)
 
 
 SEQ_KD_ARGS = ("--seq_kd", "--max_new_tokens=6")
@@ -62,27 +74,10 @@ SEQ_KD_ARGS = ("--seq_kd", "--max_new_tokens=6")
 def test_zero3_seq_kd_samples_from_the_partitioned_teacher_and_matches_ddp(launches):
     # seq_kd: every micro-batch's completions are sampled by the teacher, which under ZeRO-3 is
     # a partitioned inference engine (gathered for generation, or not).
-    ddp = launches.run("ddp-seq-kd", "torchrun-ddp", None, extra_args=SEQ_KD_ARGS)
-    gathered = launches.run("zero3-seq-kd", "torchrun", 3, extra_args=SEQ_KD_ARGS)
-    partitioned = launches.run(
-        "zero3-seq-kd-no-gather",
-        "torchrun",
-        3,
-        extra_args=(*SEQ_KD_ARGS, "--ds3_gather_for_generation=false"),
-    )
-
-    reference = ddp.reports[0]["history"]
-    assert [entry["step"] for entry in reference] == list(range(1, MAX_STEPS + 1))
+    reference, gathered, partitioned = _sampling_runs(launches, "seq-kd", SEQ_KD_ARGS)
     for entry in reference:
         assert entry["teacher_sampled_fraction"] == 1.0
         assert entry["on_policy_fraction"] == 0.0
-        assert 1.0 <= entry["completion_length"] <= 6.0
-    for run in (gathered, partitioned):
-        for report in run.reports:
-            _assert_same_trajectory(report["history"], reference)
-            assert [entry["completion_length"] for entry in report["history"]] == [
-                entry["completion_length"] for entry in reference
-            ]
     for rank, report in enumerate(gathered.reports):
         _assert_rank_holds_its_share(report, rank, stage=3)
     for report in partitioned.reports:
