@@ -243,6 +243,20 @@ def _init_cpu_distributed(use_deepspeed: bool) -> bool:
     return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
 
 
+def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
+    """Turn TRL's model flags (``--dtype``, ``--attn_implementation``, ``--model_revision``) into
+    ``training_args.model_init_kwargs``, with which SFTTrainer loads a student given by name;
+    kwargs the user set there themselves win."""
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+
 def _load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
     from trl import get_dataset
 
@@ -349,14 +363,7 @@ def load_run_inputs(
     else:
         datasets = _load_datasets(script_args, mixture_args)
         dataset_label = script_args.dataset_name or "dataset mixture"
-        model_init_kwargs = {
-            "revision": model_args.model_revision,
-            "trust_remote_code": training_args.trust_remote_code,
-            "attn_implementation": model_args.attn_implementation,
-            "dtype": model_args.dtype,
-        }
-        model_init_kwargs.update(training_args.model_init_kwargs or {})
-        training_args.model_init_kwargs = model_init_kwargs
+        set_model_init_kwargs(model_args, training_args)
         model = model_args.model_name_or_path  # loaded by the trainer, sharded under ZeRO-3
         student_label = model
         tokenizer = AutoTokenizer.from_pretrained(

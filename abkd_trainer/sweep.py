@@ -1013,6 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
     from trl import get_peft_config
 
+    from abkd_trainer.cli import set_model_init_kwargs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     _import_optuna()
     script_args, training_args, model_args, mixture_args, sweep_args, demo = parse_sweep_args(argv)
@@ -1035,14 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         # As abkd-train does: the model flags become SFTTrainer's model_init_kwargs.
-        model_init_kwargs = {
-            "revision": model_args.model_revision,
-            "trust_remote_code": training_args.trust_remote_code,
-            "attn_implementation": model_args.attn_implementation,
-            "dtype": model_args.dtype,
-        }
-        model_init_kwargs.update(training_args.model_init_kwargs or {})
-        training_args.model_init_kwargs = model_init_kwargs
+        set_model_init_kwargs(model_args, training_args)
         student = model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(
             student,
