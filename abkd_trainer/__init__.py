@@ -26,23 +26,22 @@ _LAZY_EXPORTS: dict[str, str] = {
     "fused_linear_divergence": "abkd_trainer.divergences.fused_linear",
     "coarsened_divergence": "abkd_trainer.divergences.coarsened",
     "fused_linear_coarsened_divergence": "abkd_trainer.divergences.coarsened",
-    "cache_teacher": "abkd_trainer.teacher_cache",
-    "ABKDConfig": "abkd_trainer.config",
-    "ABKDTrainer": "abkd_trainer.trainer",
-    "rouge_l_evaluate": "abkd_trainer.evaluation",
-    "RougeLCallback": "abkd_trainer.evaluation",
-    "mass_allocation": "abkd_trainer.mass_allocation",
-    "plot_mass_allocation": "abkd_trainer.mass_allocation",
-    "run_sweep": "abkd_trainer.sweep",
-    "SweepArguments": "abkd_trainer.sweep",
-    "CollapseGuardCallback": "abkd_trainer.collapse_guard",
+    "cache_teacher": "abkd_trainer.lm.teacher_cache",
+    "ABKDConfig": "abkd_trainer.lm.config",
+    "ABKDTrainer": "abkd_trainer.lm.trainer",
+    "rouge_l_evaluate": "abkd_trainer.lm.evaluation",
+    "RougeLCallback": "abkd_trainer.lm.evaluation",
+    "mass_allocation": "abkd_trainer.tools.mass_allocation",
+    "plot_mass_allocation": "abkd_trainer.tools.mass_allocation",
+    "run_sweep": "abkd_trainer.tools.sweep",
+    "SweepArguments": "abkd_trainer.tools.sweep",
+    "CollapseGuardCallback": "abkd_trainer.core.collapse_guard",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
-    from abkd_trainer.collapse_guard import CollapseGuardCallback
-    from abkd_trainer.config import ABKDConfig
+    from abkd_trainer.core.collapse_guard import CollapseGuardCallback
     from abkd_trainer.divergences import (
         DIVERGENCE_NAMES,
         ab_divergence,
@@ -62,11 +61,12 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
         fused_linear_ab_divergence,
         fused_linear_divergence,
     )
-    from abkd_trainer.evaluation import RougeLCallback, rouge_l_evaluate
-    from abkd_trainer.mass_allocation import mass_allocation, plot_mass_allocation
-    from abkd_trainer.sweep import SweepArguments, run_sweep
-    from abkd_trainer.teacher_cache import cache_teacher
-    from abkd_trainer.trainer import ABKDTrainer
+    from abkd_trainer.lm.config import ABKDConfig
+    from abkd_trainer.lm.evaluation import RougeLCallback, rouge_l_evaluate
+    from abkd_trainer.lm.teacher_cache import cache_teacher
+    from abkd_trainer.lm.trainer import ABKDTrainer
+    from abkd_trainer.tools.mass_allocation import mass_allocation, plot_mass_allocation
+    from abkd_trainer.tools.sweep import SweepArguments, run_sweep
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 import sys
 
-from abkd_trainer.cli import main
+from abkd_trainer.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

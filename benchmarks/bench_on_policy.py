@@ -80,7 +80,7 @@ def _reset_peak_rss() -> None:
 
 
 def _demo_data() -> tuple[Any, Any, Any]:
-    from abkd_trainer.demo import load_demo_dataset
+    from abkd_trainer.lm.demo import load_demo_dataset
 
     dataset = load_demo_dataset()
     train = dataset["train"].select(range(DEV_ROWS, len(dataset["train"])))
@@ -93,7 +93,7 @@ def _models(init: str, sft_dir: str | None, seed: int) -> tuple[Any, Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from abkd_trainer.demo import DEMO_TEACHER_DIR, build_demo_student
+    from abkd_trainer.lm.demo import DEMO_TEACHER_DIR, build_demo_student
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_TEACHER_DIR)
     teacher = AutoModelForCausalLM.from_pretrained(DEMO_TEACHER_DIR, dtype=torch.float32)
@@ -260,7 +260,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("save_to"):
         trainer.save_model(spec["save_to"])
     if spec.get("evaluate", True):
-        from abkd_trainer.evaluation import prompts_and_references, rouge_l_evaluate
+        from abkd_trainer.lm.evaluation import prompts_and_references, rouge_l_evaluate
 
         prompts, references = prompts_and_references(test)
         model = trainer.accelerator.unwrap_model(trainer.model)

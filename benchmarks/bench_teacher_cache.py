@@ -3,7 +3,7 @@
 
 Two parts, both on CPU:
 
-* ``steps``: for each model pair, write a teacher cache (``abkd_trainer.teacher_cache.
+* ``steps``: for each model pair, write a teacher cache (``abkd_trainer.lm.teacher_cache.
   cache_teacher``, top-k ``--top-k``, bf16), then train the student for ``--steps`` optimizer
   steps with the live teacher and from the cache, each in a fresh Python process. Reported: the
   median step time (after ``--warmup`` steps), the peak extra resident memory of the training
@@ -112,7 +112,7 @@ def build_pair(pair: str, with_teacher: bool) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if pair == "demo":
-        from abkd_trainer.demo import (
+        from abkd_trainer.lm.demo import (
             DEMO_DEFAULTS,
             DEMO_TEACHER_DIR,
             build_demo_student,
@@ -164,7 +164,7 @@ def _config(output_dir: str, settings: dict[str, Any], **overrides: Any) -> Any:
 
 def write_cache(pair: str, directory: str, top_k: int) -> dict[str, Any]:
     """Write the pair's cache (in this process); return its size and the time it took."""
-    from abkd_trainer.teacher_cache import TeacherCache, cache_teacher
+    from abkd_trainer.lm.teacher_cache import TeacherCache, cache_teacher
 
     built = build_pair(pair, with_teacher=True)
     start = time.perf_counter()
@@ -261,7 +261,7 @@ def run_rouge(top_ks: list[int], seeds: list[int], max_steps: int, workdir: Path
     # Caches and runs already in ``workdir`` are reused (an interrupted benchmark resumes).
     for top_k in top_ks:
         cache = workdir / f"demo-cache-top{top_k}"
-        _cli(["abkd_trainer.cache_cli", "--top_k", str(top_k), "--output_dir", str(cache)])
+        _cli(["abkd_trainer.cli.cache_teacher", "--top_k", str(top_k), "--output_dir", str(cache)])
     for seed in seeds:
         for label, extra in [("live", [])] + [
             (f"cache k={k}", ["--teacher_cache", str(workdir / f"demo-cache-top{k}")])
@@ -283,7 +283,7 @@ def run_rouge(top_ks: list[int], seeds: list[int], max_steps: int, workdir: Path
 
 def tail_mass_statistics(cache_dir: Path) -> dict[str, float]:
     """How much of the teacher's mass the cache's tail bucket holds, over its train positions."""
-    from abkd_trainer.teacher_cache import TeacherCache
+    from abkd_trainer.lm.teacher_cache import TeacherCache
 
     cache = TeacherCache(cache_dir)
     tail = cache.rows(range(cache.manifest.splits["train"].num_rows)).tail_log_prob.exp()

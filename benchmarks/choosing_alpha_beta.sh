@@ -19,13 +19,13 @@ OUT="${OUT:-choosing-alpha-beta}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 start=$(date +%s)
-"$PYTHON" -m abkd_trainer.sweep --output_dir "$OUT/sweep"
+"$PYTHON" -m abkd_trainer.tools.sweep --output_dir "$OUT/sweep"
 echo "choosing_alpha_beta: demo sweep wall time $(( $(date +%s) - start )) s," \
     "load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)"
 
 "$PYTHON" -m abkd_trainer --output_dir "$OUT/student" --max_steps 300 --alpha 1 --beta 0 \
     --per_device_train_batch_size 32 --rouge_l_eval false --eval_strategy no
-"$PYTHON" -m abkd_trainer.mass_allocation --student_model "$OUT/student" \
+"$PYTHON" -m abkd_trainer.tools.mass_allocation --student_model "$OUT/student" \
     --alpha 0.2 0.8 --beta 0.7 0.3 --num_prompts 200 --output_dir "$OUT/allocation" \
     --title "Demo: gradient mass after 300 forward-KL steps (teacher vs student, 200 test prompts)"
 

@@ -5,7 +5,7 @@ Distils the demo teacher (``abkd_trainer/demo_assets/teacher``) into a freshly i
 student with the demo's optimiser settings (batch 32, lr 3e-3, cosine, 30 warm-up steps, fp32 on
 CPU), once per setting and training seed, and records every train log's ``student_entropy``,
 ``teacher_entropy`` and ``teacher_agreement``, and whether and at which step
-:class:`~abkd_trainer.collapse_guard.CollapseGuardCallback` fired. No ROUGE-L here (see
+:class:`~abkd_trainer.core.collapse_guard.CollapseGuardCallback` fired. No ROUGE-L here (see
 ``benchmarks/compare_divergences.py`` for that): this is about the guard's signal, so that its
 thresholds rest on measurements.
 
@@ -38,7 +38,7 @@ SETTINGS: dict[str, dict] = {
     "ab-warm": {"divergence": "ab", "alpha": 1.0, "beta": 0.0, "alpha_end": 0.2, "beta_end": 0.7},
 }
 # The demo's optimiser settings that matter for the dynamics, as they were when the README's
-# figures were measured (abkd_trainer.demo.DEMO_DEFAULTS has since moved to 64 sequences a step).
+# figures were measured (abkd_trainer.lm.demo.DEMO_DEFAULTS has since moved to 64 sequences a step).
 MEASURED_DEMO_SETTINGS: dict[str, object] = {
     "per_device_train_batch_size": 32,
     "learning_rate": 3e-3,
@@ -58,8 +58,8 @@ def run(setting: str, seed: int, max_steps: int, logging_steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from abkd_trainer import ABKDConfig, ABKDTrainer
-    from abkd_trainer.collapse_guard import CollapseGuardCallback
-    from abkd_trainer.demo import (
+    from abkd_trainer.core.collapse_guard import CollapseGuardCallback
+    from abkd_trainer.lm.demo import (
         DEMO_TEACHER_DIR,
         build_demo_student,
         load_demo_dataset,
@@ -115,7 +115,7 @@ def closest_ratio(logs: list[dict]) -> float | None:
     """How near the guard came to firing: the smallest ``student_entropy / entropy_bound`` over
     the train logs after the first (below 1 counts as collapsing); None if agreement was never
     below ``max_agreement``."""
-    from abkd_trainer.collapse_guard import collapse_diagnosis
+    from abkd_trainer.core.collapse_guard import collapse_diagnosis
 
     diagnoses = [collapse_diagnosis(log) for log in logs[1:]]
     ratios = [d.student_entropy / d.entropy_bound for d in diagnoses if d is not None]

@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 
-from abkd_trainer.comparison import METHODS, Comparison, Method, compare_divergences
+from abkd_trainer.tools.comparison import METHODS, Comparison, Method, compare_divergences
 
 # The default budget per run on the demo: 300 steps of 32 sequences (the demo trains 1000 of 64;
 # same learning rate and schedule shape), so that every method with 1 training seed fits in a few

@@ -33,8 +33,8 @@ def breakdown(model_dir: str, seeds: list[int], max_new_tokens: int) -> dict[str
     """Mean ROUGE-L per task (and ``"all"``) of the model saved in ``model_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from abkd_trainer.demo import load_demo_dataset
-    from abkd_trainer.evaluation import (
+    from abkd_trainer.lm.demo import load_demo_dataset
+    from abkd_trainer.lm.evaluation import (
         generate_responses,
         prompts_and_references,
         rouge_l_score,

@@ -1,6 +1,7 @@
 """Divergences against a cached teacher: its top-k tokens plus one bucket for the rest.
 
-An offline teacher cache (:mod:`abkd_trainer.teacher_cache`) keeps, for every supervised position,
+An offline teacher cache (:mod:`abkd_trainer.lm.teacher_cache`) keeps, for every supervised
+position,
 the teacher's ``k`` most likely token ids, their log-probabilities and the log of the remaining
 mass. Those ``k + 1`` numbers describe the teacher's distribution *coarsened* onto ``k + 1``
 outcomes: the ``k`` tokens and one tail bucket holding everything else. The student's distribution

@@ -10,7 +10,7 @@ breakdown_script = load_script("benchmarks/demo_task_breakdown.py", "demo_task_b
 
 
 def test_every_demo_test_prompt_gets_its_task():
-    from abkd_trainer.demo import load_demo_dataset
+    from abkd_trainer.lm.demo import load_demo_dataset
 
     prompts = load_demo_dataset()["test"]["prompt"]
     tasks = Counter(breakdown_script.task_of(prompt) for prompt in prompts)
@@ -21,7 +21,7 @@ def test_every_demo_test_prompt_gets_its_task():
 
 
 def test_the_overall_score_is_the_prompt_weighted_mean_of_the_tasks():
-    from abkd_trainer.demo import DEMO_TEACHER_DIR
+    from abkd_trainer.lm.demo import DEMO_TEACHER_DIR
 
     result = breakdown_script.breakdown(str(DEMO_TEACHER_DIR), seeds=[0], max_new_tokens=24)
     counts = {"describe": 40, "question": 50, "name": 18, "repeat": 47, "reverse": 45}

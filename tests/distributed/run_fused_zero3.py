@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: testing_
 from testing_utils import build_prompt_completion_dataset  # noqa: E402
 
 from abkd_trainer import ABKDConfig, ABKDTrainer  # noqa: E402
-from abkd_trainer.distributed import (  # noqa: E402
+from abkd_trainer.core.distributed import (  # noqa: E402
     CONFIGURED_STATE_ACCELERATOR_CONFIG,
     finish_distributed_run,
     init_cpu_distributed_state,

@@ -2,7 +2,8 @@
 
 The same file runs as a single plain process (the reference) or as N DeepSpeed ranks started by
 ``torchrun``, ``deepspeed`` or ``accelerate launch``; on CPU it uses gloo through
-``abkd_trainer.distributed.init_cpu_distributed_state``. The student and teacher are loaded with
+``abkd_trainer.core.distributed.init_cpu_distributed_state``. The student and teacher are loaded
+with
 ``from_pretrained`` from directories the test prepared, *after* the training arguments exist, so
 under ZeRO-3 they are partitioned while loading, as a real run would do.
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: testing_
 from testing_utils import build_prompt_completion_dataset, build_text_dataset  # noqa: E402
 
 from abkd_trainer import ABKDConfig, ABKDTrainer  # noqa: E402
-from abkd_trainer.distributed import (  # noqa: E402
+from abkd_trainer.core.distributed import (  # noqa: E402
     CONFIGURED_STATE_ACCELERATOR_CONFIG,
     finish_distributed_run,
     init_cpu_distributed_state,

@@ -1,4 +1,4 @@
-"""Single-process tests of ``abkd_trainer.distributed`` and of the shipped launcher configs.
+"""Single-process tests of ``abkd_trainer.core.distributed`` and of the shipped launcher configs.
 
 The multi-process behaviour (real sharding under each launcher) is in
 ``test_deepspeed_launchers.py``; these tests pin down the config the teacher engine gets, the
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from abkd_trainer import distributed
-from abkd_trainer.distributed import (
+from abkd_trainer.core import distributed
+from abkd_trainer.core.distributed import (
     build_teacher_deepspeed_config,
     init_cpu_distributed_state,
     model_hidden_size,
@@ -316,7 +316,7 @@ def test_example_accelerate_configs_load(name, distributed_type, deepspeed_file)
 
 
 def test_finish_distributed_run_is_a_no_op_without_a_process_group():
-    from abkd_trainer.distributed import finish_distributed_run
+    from abkd_trainer.core.distributed import finish_distributed_run
 
     # Must neither raise nor end the process (skip_interpreter_teardown only applies to ranks).
     assert finish_distributed_run(skip_interpreter_teardown=True) is None

@@ -22,7 +22,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from abkd_trainer.teacher_cache import MANIFEST_NAME, TeacherCache
+from abkd_trainer.lm.teacher_cache import MANIFEST_NAME, TeacherCache
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,8 @@ def setup(tmp_path_factory):
                 args += ["--deepspeed", str(paths["zero3"])]
             else:
                 args += ["--use_cpu", "true"]
-            _run("abkd_trainer.cache_cli", args, 1 if kind == "one" else 2, root / f"{kind}.log")
+            ranks = 1 if kind == "one" else 2
+            _run("abkd_trainer.cli.cache_teacher", args, ranks, root / f"{kind}.log")
             caches[kind] = output
         return caches[kind]
 

@@ -1,0 +1,759 @@
+"""ABKD as a TRL trainer: SFT data handling, a frozen teacher, and a divergence loss per token."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from transformers import (
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import EvalPrediction, TrainOutput
+from trl import SFTTrainer
+from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import (
+    disable_dropout_in_model,
+    get_config_model_id,
+    maybe_gather_lm_head_ctx,
+)
+
+from abkd_trainer.core.checkpoints import prepare_output_dir
+from abkd_trainer.core.collapse_guard import CollapseGuardCallback
+from abkd_trainer.core.hub import check_hub_access
+from abkd_trainer.core.model_card import (
+    add_distillation_section,
+    add_rouge_l_results,
+    hub_id_or_name,
+)
+from abkd_trainer.core.numerics import check_finite_step
+from abkd_trainer.core.schedules import effective_warmup_ratio, scheduled_alpha_beta
+from abkd_trainer.divergences import get_divergence
+from abkd_trainer.divergences.coarsened import (
+    CachedTeacher,
+    coarsened_divergence,
+    coarsened_token_statistics,
+    fused_linear_coarsened_divergence,
+)
+from abkd_trainer.divergences.fused_linear import fused_linear_divergence
+from abkd_trainer.divergences.statistics import token_statistics
+from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
+from abkd_trainer.lm.compatibility import check_position_limits
+from abkd_trainer.lm.config import ABKDConfig
+from abkd_trainer.lm.data import check_sft_datasets, check_supervised_tokens
+from abkd_trainer.lm.models import (
+    causal_lm,
+    check_shared_vocabulary,
+    check_startup_outputs,
+    final_hidden_states,
+    fused_logit_transforms,
+    load_teacher,
+    prepare_teacher,
+)
+from abkd_trainer.lm.on_policy import on_policy_batches_for_trainer, on_policy_settings
+from abkd_trainer.lm.teacher_cache import attach_teacher_cache, pop_cached_teacher
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
+
+logger = get_logger(__name__)
+
+# Divergence name -> {keyword of the divergence function: ABKDConfig field holding its value}.
+# (The AB pair follows abkd_trainer.core.schedules; see current_alpha_beta.)
+_DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
+    "ab": {"alpha": "alpha", "beta": "beta"},
+    "jsd": {"beta": "jsd_beta"},
+    "sfkl": {"skew_lambda": "skew_lambda"},
+    "srkl": {"skew_lambda": "skew_lambda"},
+}
+# Per-mode running sums behind the logged metrics, in this order: per-supervised-token sums (logged
+# as their mean over the supervised tokens of the logging period), then the two token counts.
+_METRIC_SUMS = (
+    "kd_loss",
+    "ce_loss",
+    "teacher_agreement",
+    "student_entropy",
+    "teacher_entropy",
+    "mean_token_accuracy",
+    "num_supervised",
+    "num_input_tokens",
+)
+_TOKEN_AVERAGED_METRICS = _METRIC_SUMS[:-2]
+
+
+class ABKDTrainer(SFTTrainer):
+    """Knowledge distillation with the alpha-beta divergence (ABKD), on top of TRL's [`SFTTrainer`].
+
+    The student is trained on SFT data (any format SFTTrainer accepts: ``text``,
+    ``prompt``/``completion``, conversational ``messages``, packing) to match a frozen teacher's
+    next-token distribution on the supervised tokens, with the loss described in [`ABKDConfig`].
+
+    Args:
+        model: the student, an instance or a name/path loaded with ``args.model_init_kwargs``.
+        teacher_model: the teacher, an instance or a name/path loaded with
+            ``args.teacher_model_init_kwargs``; defaults to ``args.teacher_model_name_or_path``.
+            It must use the student's tokenizer. Its logits may be wider than the student's
+            (padded embedding rows): only the first ``len(tokenizer)`` entries are compared.
+            None with ``args.teacher_cache``: the teacher's top-k log-probabilities are read
+            from a cache written by ``abkd-cache-teacher`` and no teacher is loaded
+            (``self.teacher_model`` is None; see :mod:`abkd_trainer.lm.teacher_cache`).
+        args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
+        optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
+        peft_config, formatting_func: as in [`SFTTrainer`] (``quantization_config`` applies to a
+            student given by name, e.g. QLoRA with a ``peft_config``).
+        compute_loss_func: accepted for signature compatibility with [`SFTTrainer`] but must be
+            None: the loss is the distillation objective configured in [`ABKDConfig`].
+
+    The prepared teacher is ``self.teacher_model``: frozen, in eval mode, on the student's device,
+    never in the optimizer or a checkpoint. Logged per train/eval period, as token-weighted averages
+    over accumulation steps and processes: ``kd_loss``, ``ce_loss``, ``teacher_agreement`` (top-1
+    agreement), ``student_entropy`` and ``teacher_entropy`` (nats, temperature 1), and, for
+    ``divergence="ab"``, the current ``alpha`` and ``beta``. SFTTrainer's ``entropy`` (the same
+    value as ``student_entropy``), ``mean_token_accuracy`` and ``num_tokens`` are logged too, from
+    the same pass (see the README's "Logged metrics").
+    """
+
+    _tag_names = ["trl", "abkd", "knowledge-distillation"]
+    _name = "ABKD"
+    _paper = {
+        "title": "ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge "
+        "Distillation via α-β-Divergence",
+        "id": "2505.04560",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{wang2025abkd,
+                title        = {{ABKD: Pursuing a Proper Allocation of the Probability Mass in
+                                 Knowledge Distillation via $\\alpha$-$\\beta$-Divergence}},
+                author       = {Guanghui Wang and Zhiyong Yang and Zitai Wang and Shi Wang and
+                                Qianqian Xu and Qingming Huang},
+                year         = 2025,
+                booktitle    = {Proceedings of the 42nd International Conference on Machine
+                                Learning, {ICML} 2025},
+                eprint       = {2505.04560},
+                archivePrefix = {arXiv},
+            }"""),
+    }
+    # compute_loss divides by the token count of the whole accumulated batch (get_batch_samples).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        teacher_model: str | PreTrainedModel | nn.Module | None = None,
+        args: ABKDConfig | TrainingArguments | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset
+        | IterableDataset
+        | DatasetDict
+        | IterableDatasetDict
+        | dict[str, Dataset | IterableDataset]
+        | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[
+            torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None
+        ] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+    ) -> None:
+        if compute_loss_func is not None:
+            raise ValueError(
+                "ABKDTrainer does not take `compute_loss_func`: its loss is the distillation "
+                "objective set by ABKDConfig (`divergence`, `alpha`, `beta`, `temperature`, "
+                "`kd_ratio`), computed from both models' outputs, which a function of the "
+                "student's outputs alone cannot see. Subclass ABKDTrainer and override "
+                "`compute_loss` to change it."
+            )
+        args = _as_abkd_config(args, model)
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if args.teacher_cache is not None and teacher_model is not None:
+            raise ValueError(
+                "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
+                "from a teacher cache (its manifest names the teacher that wrote it)."
+            )
+        if teacher_model is None and args.teacher_cache is None:
+            raise ValueError(
+                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
+                "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
+                "by abkd-cache-teacher with `teacher_cache`."
+            )
+        if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "`teacher_model_init_kwargs` only applies to a teacher given by name, but "
+                "`teacher_model` is already instantiated. Load it with those arguments yourself, "
+                "or pass its name instead."
+            )
+
+        if args.push_to_hub and args.process_index == 0:
+            # Before Trainer creates the Hub repository, and long before the upload at the end:
+            # a Hub that cannot be written to fails here, with a message that names it.
+            check_hub_access(args.hub_token)
+        check_sft_datasets(train_dataset, eval_dataset, args, formatting_func)
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
+
+        # Offline teacher: every batch carries the cached teacher rows; no teacher is loaded.
+        self.teacher_cache = None
+        if args.teacher_cache is not None:
+            self.teacher_cache = attach_teacher_cache(self, args.teacher_cache)
+        # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
+        # teacher is created sharded (zero.Init) like the student.
+        teacher_source = teacher_model if isinstance(teacher_model, str) else None
+        if isinstance(teacher_model, str):
+            teacher_model = load_teacher(teacher_model, args)
+        self._teacher_name = (
+            self.teacher_cache.manifest.teacher
+            if teacher_model is None
+            else teacher_source
+            or get_config_model_id(teacher_model.config)
+            or type(teacher_model).__name__
+        )
+
+        # Both logit tensors are compared over the tokenizer's real vocabulary; rows beyond it are
+        # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
+        self.vocab_size = len(self._tokenizer)
+        check_shared_vocabulary(
+            self.model,
+            teacher_model,
+            self._tokenizer,
+            teacher_name=self._teacher_name,
+            teacher_source=teacher_source,
+            trust_remote_code=args.trust_remote_code,
+        )
+        # Role -> model as given; the teacher is absent when training from a cache.
+        models = {"student": self.model, "teacher": teacher_model}
+        models = {role: model for role, model in models.items() if model is not None}
+        check_position_limits(
+            args.max_length,
+            {role: causal_lm(model) for role, model in models.items()},
+            packing=args.packing,
+        )
+
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+
+        self.teacher_model = (
+            None
+            if teacher_model is None
+            else prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
+        )
+
+        self.divergence_fn = get_divergence(args.divergence)
+        # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
+        self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
+        # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
+        # per-step checks in compute_loss are the only ones (and the config-based logit transform
+        # is trusted, as TRL's fused heads do).
+        if not is_deepspeed_zero3_enabled():
+            check_startup_outputs(models, self.accelerator, self._logit_transforms)
+        # The fused loss calls both backbones directly; routing those calls through the wrappers'
+        # forward (DDP, DeepSpeed) keeps their hooks, e.g. ZeRO-3's gathering and gradient
+        # reduction, working. TRL's DistillationTrainer does the same.
+        self._forward_redirection = _ForwardRedirection()
+        # Kept on the device between logs: adding to them never waits for the accelerator.
+        self._metric_sums = {
+            mode: torch.zeros(
+                len(_METRIC_SUMS), dtype=torch.float64, device=self.accelerator.device
+            )
+            for mode in ("train", "eval")
+        }
+        # The divergence parameters of the latest loss per mode, logged next to the loss.
+        self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        # Warns once if the logged entropies show a collapse (a user-configured one is kept).
+        if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(CollapseGuardCallback())
+        # On-policy distillation: sampled completions replace the dataset's (see on_policy.py).
+        self.on_policy = (
+            on_policy_batches_for_trainer(self) if args.uses_sampled_completions else None
+        )
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    # ------------------------------------------------------------------ loss
+
+    def current_alpha_beta(self) -> tuple[float, float]:
+        """``(alpha, beta)`` at the current global step (see :mod:`abkd_trainer.core.schedules`)."""
+        return scheduled_alpha_beta(self.args, self.state.global_step, self.state.max_steps)
+
+    def _divergence_params(self) -> dict[str, float]:
+        if self.args.divergence == "ab":
+            alpha, beta = self.current_alpha_beta()
+            return {"alpha": alpha, "beta": beta}
+        fields = _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {})
+        return {param: getattr(self.args, field) for param, field in fields.items()}
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """Fetch the micro-batches of one optimizer step and count their supervised tokens.
+
+        The count is ``labels[..., 1:] != -100`` over all micro-batches and (with
+        ``average_tokens_across_devices``) all processes, the same shifted count ``compute_loss``
+        uses locally. Trainer's own count depends on the model class (GPT-2 counts unshifted
+        labels) and is replaced here. With on-policy distillation the completions are sampled
+        first, so the count is of the sampled tokens.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        if self.on_policy is not None:  # before the count, so that it counts sampled tokens
+            batch_samples = self.on_policy.replace_completions(
+                batch_samples, self.state.global_step, self.state.max_steps
+            )
+        num_items = sum(
+            next_token_targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples
+        ).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        mode = "train" if self.model.training else "eval"
+        cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
+        targets = next_token_targets(inputs)
+        # Same keyword inputs for both models: with packing these carry the position_ids that keep
+        # packed documents from attending to each other.
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        model_inputs["use_cache"] = False
+
+        divergence_params = self._divergence_params()
+        if self.teacher_model is not None:
+            self.teacher_model.eval()  # cheap, and robust to a caller that set train mode
+        # Evaluation with `compute_metrics` wants the student's logits; everything else (training,
+        # loss-only evaluation) can do without them.
+        wants_logits = (
+            return_outputs
+            and self.compute_metrics is not None
+            and not self.args.prediction_loss_only
+        )
+        if self.args.use_fused_loss and not wants_logits:
+            unwrapped_student = self.accelerator.unwrap_model(model)
+            # The redirection swaps out the student's forward, and with it the autocast that
+            # accelerate wrapped around it (bf16 / fp16): restore it for both decoders and the
+            # heads, so that both loss paths compute in the same precision.
+            with self.accelerator.autocast():
+                loss, sums = self._forward_redirection(
+                    model,
+                    unwrapped_student,
+                    self._fused_distillation_loss
+                    if cached_teacher is None
+                    else self._fused_cached_teacher_loss,
+                    unwrapped_student,
+                    model_inputs,
+                    targets,
+                    num_items_in_batch,
+                    divergence_params,
+                    *(() if cached_teacher is None else (cached_teacher,)),
+                )
+            student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
+        else:
+            student_outputs = model(**model_inputs)
+            teacher_logits = cached_teacher
+            if cached_teacher is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_model(**model_inputs).logits
+            loss, sums = self._distillation_loss(
+                student_outputs.logits,
+                teacher_logits,
+                targets,
+                num_items_in_batch,
+                divergence_params,
+            )
+        # Before backward and the optimizer step: a NaN must never reach the student's weights.
+        check_finite_step(
+            teacher_entropy_sum=sums["teacher_entropy"],
+            student_entropy_sum=sums["student_entropy"],
+            loss=loss,
+            step=self.state.global_step + int(mode == "train"),
+            training=mode == "train",
+        )
+        if mode == "train":
+            sums["num_input_tokens"] = input_token_count(inputs)
+        self._add_metric_sums(mode, sums)
+        self._last_divergence_params[mode] = divergence_params
+        return (loss, student_outputs) if return_outputs else loss
+
+    def _add_metric_sums(self, mode: str, sums: dict[str, torch.Tensor]) -> None:
+        """Add one micro-batch's sums (names from ``_METRIC_SUMS``; missing ones count 0)."""
+        unknown = set(sums) - set(_METRIC_SUMS)
+        if unknown:
+            raise KeyError(f"Unknown metric sums {sorted(unknown)}; add them to _METRIC_SUMS.")
+        totals = self._metric_sums[mode]
+        zero = totals.new_zeros(())
+        totals += torch.stack(
+            [sums[name].detach().to(totals) if name in sums else zero for name in _METRIC_SUMS]
+        )
+
+    def _distillation_loss(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | CachedTeacher,
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective from full logits.
+
+        Args:
+            student_logits: ``(batch, seq, V_student)``.
+            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``. Or
+                the cached teacher of the supervised positions: the divergence is then that of
+                the coarsened distributions (see ``abkd_trainer.divergences.coarsened``).
+            targets: ``(batch, seq)``, the next token each position predicts (the labels shifted
+                left), ``-100`` where not supervised, always at the last position.
+            num_items_in_batch: supervised tokens of the whole accumulated batch (all processes);
+                None (evaluation) normalises by this micro-batch's count.
+            divergence_params: keyword parameters of the divergence, e.g. ``alpha`` and ``beta``.
+
+        Returns:
+            ``(loss, sums)``: the scalar loss, and detached sums over this micro-batch's
+            supervised tokens keyed by ``_METRIC_SUMS`` names.
+        """
+        # Real vocabulary only: padded rows never appear as targets and must not move the loss.
+        # (A no-op view when the widths already match, so the logits stay contiguous and the
+        # divergence kernel reads them without a copy.)
+        student_logits = student_logits[..., : self.vocab_size]
+        supervised = targets != IGNORE_INDEX
+        if isinstance(teacher_logits, CachedTeacher):
+            kd_sum = coarsened_divergence(
+                student_logits,
+                teacher_logits,
+                self.args.divergence,
+                divergence_params=divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
+        else:
+            teacher_logits = teacher_logits[..., : self.vocab_size]
+            kd_sum = self.divergence_fn(
+                student_logits,
+                teacher_logits,
+                **divergence_params,
+                temperature=self.args.temperature,
+                mask=supervised,
+                reduction="sum",
+                chunk_size=self.args.loss_chunk_size,
+            )
+        # Logged even when kd_ratio == 1; only part of the graph when it is trained on.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.kd_ratio < 1.0):
+            # Supervised rows only (prompt tokens would just be masked out), upcast like
+            # transformers' causal-LM loss: half-precision log-softmax loses digits.
+            supervised_rows = supervised.nonzero(as_tuple=True)
+            ce_sum = F.cross_entropy(
+                student_logits[supervised_rows].float(),
+                targets[supervised_rows],
+                reduction="sum",
+            )
+
+        num_local = supervised.sum()
+        objective = self.args.kd_ratio * kd_sum
+        if self.args.kd_ratio < 1.0:
+            objective = objective + (1.0 - self.args.kd_ratio) * ce_sum
+        loss = self._normalise(objective, num_local, num_items_in_batch)
+
+        # Entropies, agreement and accuracy over the supervised rows, a chunk at a time.
+        statistics = (
+            coarsened_token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+            if isinstance(teacher_logits, CachedTeacher)
+            else token_statistics(
+                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
+            )
+        )
+        sums = {
+            "kd_loss": kd_sum,
+            "ce_loss": ce_sum,
+            "teacher_agreement": statistics.teacher_agreement,
+            "student_entropy": statistics.student_entropy,
+            "teacher_entropy": statistics.teacher_entropy,
+            "mean_token_accuracy": statistics.token_accuracy,
+            "num_supervised": num_local,
+        }
+        return loss, sums
+
+    def _fused_distillation_loss(
+        self,
+        student: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of :meth:`_distillation_loss` from final hidden states and LM heads.
+
+        Runs inside the student wrapper's forward (see ``compute_loss``). Neither model's logits
+        are built: :func:`~abkd_trainer.fused_linear_divergence` projects the supervised positions
+        a chunk at a time and returns the divergence, the cross-entropy (weighted by ``kd_ratio``
+        into one differentiable sum), the top-1 agreements, token accuracy and both entropies of
+        the same pass.
+        """
+        student_lm = causal_lm(student)
+        student_hidden = final_hidden_states(student_lm, model_inputs)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, teacher, final_hidden_states, teacher, model_inputs
+            )
+        student_head = student_lm.get_output_embeddings()
+        teacher_head = teacher.get_output_embeddings()
+        teacher_transform = self._logit_transforms["teacher"]
+        # Under ZeRO-3 the heads are partitioned and their own forward (which would gather them)
+        # never runs: gather them for the projection. The student's weight gradient is built
+        # here, in the forward, and reaches the partitioned parameter through autograd.
+        with maybe_gather_lm_head_ctx(
+            student_head.weight,
+            getattr(student_head, "bias", None),
+            teacher_head.weight,
+            getattr(teacher_head, "bias", None),
+        ):
+            output = fused_linear_divergence(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden.to(student_hidden.device),
+                teacher_head.weight,
+                student_bias=getattr(student_head, "bias", None),
+                teacher_bias=getattr(teacher_head, "bias", None),
+                teacher_logit_scale=teacher_transform.scale,
+                teacher_logit_softcap=teacher_transform.softcap,
+                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
+            )
+        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
+        return loss, _fused_output_sums(output)
+
+    def _fused_cached_teacher_loss(
+        self,
+        student: nn.Module,
+        model_inputs: dict[str, Any],
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+        divergence_params: dict[str, float],
+        cached_teacher: CachedTeacher,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
+        student_lm = causal_lm(student)
+        student_hidden = final_hidden_states(student_lm, model_inputs)
+        head = student_lm.get_output_embeddings()
+        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
+            output = fused_linear_coarsened_divergence(
+                student_hidden,
+                head.weight,
+                cached_teacher,
+                student_bias=getattr(head, "bias", None),
+                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
+            )
+        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
+        return loss, _fused_output_sums(output)
+
+    def _fused_kernel_kwargs(
+        self,
+        targets: torch.Tensor,
+        device: torch.device,
+        divergence_params: dict[str, float],
+    ) -> dict[str, Any]:
+        """The keyword arguments both fused kernels (live and cached teacher) take from the
+        configuration and the batch: the objective, the student's logit transform, the
+        ``(batch, seq)`` targets on the student's device, and a summed reduction."""
+        student_transform = self._logit_transforms["student"]
+        return {
+            "divergence": self.args.divergence,
+            "divergence_params": divergence_params,
+            "temperature": self.args.temperature,
+            "labels": targets.to(device),
+            "reduction": "sum",
+            "student_logit_scale": student_transform.scale,
+            "student_logit_softcap": student_transform.softcap,
+            "vocab_size": self.vocab_size,
+            "divergence_weight": self.args.kd_ratio,
+            "ce_weight": 1.0 - self.args.kd_ratio,
+            "chunk_size": self.args.loss_chunk_size,
+        }
+
+    def _normalise(
+        self,
+        objective_sum: torch.Tensor,
+        num_local: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """Divide the summed objective by the supervised tokens of the (accumulated) batch."""
+        normaliser = num_local if num_items_in_batch is None else num_items_in_batch
+        # A batch with no supervised token gives 0 / 1 = 0 with the graph intact, never 0 / 0.
+        normaliser = torch.as_tensor(
+            normaliser, device=objective_sum.device, dtype=objective_sum.dtype
+        ).clamp(min=1)
+        loss = objective_sum / normaliser
+        # DDP averages gradients over processes while the normaliser already counts every
+        # process's tokens, so scale back up (as Trainer and SFTTrainer do).
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        # Every process calls log() at the same points, so this reduction cannot deadlock.
+        sums = self.accelerator.reduce(self._metric_sums[mode], reduction="sum")
+        totals = dict(zip(_METRIC_SUMS, sums.tolist(), strict=True))  # read before the reset
+        self._metric_sums[mode].zero_()
+        # SFTTrainer's running count of input tokens (padding excluded) over training.
+        self._total_train_tokens += int(totals["num_input_tokens"]) // self._tp_size
+        metrics: dict[str, float] = {}
+        num_supervised = totals["num_supervised"]
+        if num_supervised > 0:
+            metrics = {name: totals[name] / num_supervised for name in _TOKEN_AVERAGED_METRICS}
+            # SFTTrainer's name for the student's entropy (same tokens, temperature 1).
+            metrics["entropy"] = metrics["student_entropy"]
+            metrics["num_tokens"] = self._total_train_tokens
+            if self.args.divergence == "ab":
+                metrics.update(self._last_divergence_params[mode])
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        if mode == "train" and self.on_policy is not None:
+            logs.update(self.on_policy.pop_metrics())
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ training
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> TrainOutput:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints, and
+        starting afresh in an ``output_dir`` that holds an earlier run warns (see
+        :func:`abkd_trainer.core.checkpoints.prepare_output_dir`)."""
+        resume_from_checkpoint = prepare_output_dir(
+            self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
+        )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ------------------------------------------------------------------ saving and the Hub
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """TRL's model card (tags, ABKD citation) plus a section on the distillation set-up."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        card_path = Path(self.args.output_dir) / "README.md"
+        settings = {
+            "Teacher": hub_id_or_name(self._teacher_name),
+            "Divergence": self.args.divergence,
+        }
+        if self.teacher_cache is not None:
+            settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
+        for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
+            settings[field] = getattr(self.args, field)
+        if self.args.divergence == "ab":
+            for field in ("alpha_end", "beta_end"):
+                if getattr(self.args, field) is not None:
+                    settings[field] = getattr(self.args, field)
+            if self.args.ab_warmup_steps > 0:
+                settings["ab_warmup_steps"] = self.args.ab_warmup_steps
+            else:
+                settings["ab_warmup_ratio"] = effective_warmup_ratio(self.args)
+        settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
+        settings.update(on_policy_settings(self.args))
+        card_text = add_distillation_section(
+            card_path.read_text(encoding="utf-8"),
+            settings,
+            model_location=self.hub_model_id or str(self.args.output_dir),
+        )
+        card_text = add_rouge_l_results(
+            card_text,
+            self.callback_handler.callbacks,
+            model_name=model_name or Path(self.args.output_dir).name,
+            global_step=self.state.global_step,
+        )
+        card_path.write_text(card_text, "utf-8")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (never the teacher) and, when called by the user, its model card."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call or not self.args.should_save:
+            return  # checkpoints and push_to_hub write the card themselves
+        output_dir = output_dir or self.args.output_dir
+        self.create_model_card(model_name=Path(output_dir).name)
+        card_path = Path(self.args.output_dir) / "README.md"
+        if Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
+            shutil.copyfile(card_path, Path(output_dir) / "README.md")
+
+
+def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
+    """The ``_METRIC_SUMS`` of a fused kernel's output (live or cached teacher alike)."""
+    return {
+        "kd_loss": output.divergence,
+        "ce_loss": output.cross_entropy,
+        "teacher_agreement": output.teacher_agreement,
+        "student_entropy": output.student_entropy,
+        "teacher_entropy": output.teacher_entropy,
+        "mean_token_accuracy": output.token_accuracy,
+        "num_supervised": output.num_tokens,
+    }
+
+
+def _as_abkd_config(args: ABKDConfig | TrainingArguments | None, model: Any) -> ABKDConfig:
+    """Return ``args`` as an ABKDConfig (SFTTrainer does the same for SFTConfig)."""
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return ABKDConfig(f"{str(model_name).split('/')[-1]}-ABKD")
+    if isinstance(args, ABKDConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides it
+        return ABKDConfig(**dict_args)
+    raise TypeError(
+        f"`args` must be an ABKDConfig or TrainingArguments, got {type(args).__name__}."
+    )
