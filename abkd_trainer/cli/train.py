@@ -288,19 +288,14 @@ def configured_divergences(training_args: ABKDConfig) -> dict[str, Any]:
     For report-time measurement: schedules (``alpha_end`` / ``beta_end``) are ignored and the
     start values used, so that before/after numbers measure one fixed divergence.
     """
-    from abkd_trainer.divergences import get_divergence
+    from abkd_trainer.divergences import divergence_spec, get_divergence
 
-    name = training_args.divergence
-    params: dict[str, float] = {}
-    if name == "ab":
-        params = {"alpha": training_args.alpha, "beta": training_args.beta}
-    elif name == "jsd":
-        params = {"beta": training_args.jsd_beta}
-    elif name in ("sfkl", "srkl"):
-        params = {"skew_lambda": training_args.skew_lambda}
+    spec = divergence_spec(training_args.divergence)
     divergences = {
-        name: functools.partial(
-            get_divergence(name), **params, temperature=training_args.temperature
+        spec.name: functools.partial(
+            spec.function,
+            **spec.parameters_from(training_args),
+            temperature=training_args.temperature,
         )
     }
     divergences.setdefault("fkl", get_divergence("fkl"))

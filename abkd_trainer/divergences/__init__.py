@@ -1,20 +1,26 @@
 """Divergences between teacher and student token distributions.
 
-``pointwise`` holds the per-vocabulary-entry math, ``chunked`` the memory-efficient driver over
-logits, ``functional`` the public functions and registry, ``fused_linear`` the variant that starts
-from hidden states and LM heads and never builds the logits.
+`pointwise` holds the per-vocabulary-entry math, `chunked` the memory-efficient driver over
+logits, `functional` the public functions, `registry` the one map from names to them,
+`fused_linear` the variant that starts from hidden states and LM heads and never builds the
+logits.
 """
 
 from abkd_trainer.divergences.functional import (
-    DIVERGENCE_NAMES,
     ab_divergence,
     forward_kl,
     generalized_jsd,
-    get_divergence,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
     total_variation,
+)
+from abkd_trainer.divergences.registry import (
+    DIVERGENCE_NAMES,
+    DIVERGENCES,
+    DivergenceSpec,
+    divergence_spec,
+    get_divergence,
 )
 
 __all__ = [
@@ -27,4 +33,7 @@ __all__ = [
     "skew_reverse_kl",
     "total_variation",
     "get_divergence",
+    "DIVERGENCES",
+    "DivergenceSpec",
+    "divergence_spec",
 ]

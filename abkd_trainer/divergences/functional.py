@@ -1,4 +1,4 @@
-"""Public divergence functions on logits, and the registry the trainer and CLI look names up in.
+"""Public divergence functions on logits (their names are registered in ``registry``).
 
 All functions share one keyword interface and return values in nats, computed and returned in
 fp32 (float64 for float64 logits) whatever the logits' dtype:
@@ -15,8 +15,6 @@ fp32 (float64 for float64 logits) whatever the logits' dtype:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from abkd_trainer.divergences.chunked import chunked_divergence
@@ -31,7 +29,6 @@ from abkd_trainer.divergences.pointwise import (
 )
 
 __all__ = [
-    "DIVERGENCE_NAMES",
     "ab_divergence",
     "forward_kl",
     "reverse_kl",
@@ -39,7 +36,6 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "total_variation",
-    "get_divergence",
 ]
 
 
@@ -198,25 +194,3 @@ def total_variation(
         reduction=reduction,
         chunk_size=chunk_size,
     )
-
-
-_REGISTRY: dict[str, Callable[..., torch.Tensor]] = {
-    "ab": ab_divergence,
-    "fkl": forward_kl,
-    "rkl": reverse_kl,
-    "jsd": generalized_jsd,
-    "sfkl": skew_forward_kl,
-    "srkl": skew_reverse_kl,
-    "tvd": total_variation,
-}
-DIVERGENCE_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-
-
-def get_divergence(name: str) -> Callable[..., torch.Tensor]:
-    """Look a divergence function up by its short name (one of ``DIVERGENCE_NAMES``)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown divergence {name!r}; choose one of {', '.join(DIVERGENCE_NAMES)}."
-        ) from None

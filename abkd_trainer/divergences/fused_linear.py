@@ -45,7 +45,8 @@ from typing import Any, NamedTuple
 import torch
 
 from abkd_trainer.divergences.chunked import backward_keeps_graph, rowwise_loss_and_grad
-from abkd_trainer.divergences.pointwise import ABDivergence, PointwiseDivergence, make_divergence
+from abkd_trainer.divergences.pointwise import ABDivergence, PointwiseDivergence
+from abkd_trainer.divergences.registry import make_divergence
 from abkd_trainer.divergences.statistics import log_probs_and_entropy, row_statistics
 
 __all__ = [

@@ -33,7 +33,6 @@ __all__ = [
     "SkewForwardKL",
     "SkewReverseKL",
     "TotalVariation",
-    "make_divergence",
 ]
 
 # Finite stand-in for log(0). Far below any log-probability that fp32 softmax produces from real
@@ -338,26 +337,3 @@ class TotalVariation:
         student_probs = student_log_probs.exp()
         difference = student_probs - teacher_log_probs.exp()
         return 0.5 * difference.abs(), 0.5 * student_probs * difference.sign()
-
-
-def make_divergence(name: str, **params: float) -> PointwiseDivergence:
-    """Build the pointwise divergence registered as ``name`` (see ``DIVERGENCE_NAMES``).
-
-    Parameters: ``ab`` takes ``alpha`` and ``beta``; ``jsd`` takes ``beta``; ``sfkl`` and ``srkl``
-    take ``skew_lambda``; ``fkl``, ``rkl`` and ``tvd`` take none.
-    """
-    factories = {
-        "ab": ABDivergence,
-        "fkl": ForwardKL,
-        "rkl": ReverseKL,
-        "jsd": GeneralizedJSD,
-        "sfkl": SkewForwardKL,
-        "srkl": SkewReverseKL,
-        "tvd": TotalVariation,
-    }
-    if name not in factories:
-        raise ValueError(f"Unknown divergence {name!r}; choose one of {sorted(factories)}.")
-    try:
-        return factories[name](**params)
-    except TypeError as error:
-        raise ValueError(f"Invalid parameters {params} for divergence {name!r}: {error}") from None

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abkd_trainer.divergences.registry import divergence_config_fields
+
 if TYPE_CHECKING:
     from abkd_trainer.lm.config import ABKDConfig
     from abkd_trainer.lm.evaluation import RougeLResult
@@ -36,12 +38,6 @@ _TRAINING_FIELDS = (
     "divergence", "temperature", "kd_ratio", "learning_rate", "per_device_train_batch_size",
     "gradient_accumulation_steps", "seed",
 )  # fmt: skip
-_DIVERGENCE_FIELDS = {
-    "ab": ("alpha", "beta", "alpha_end", "beta_end"),
-    "jsd": ("jsd_beta",),
-    "sfkl": ("skew_lambda",),
-    "srkl": ("skew_lambda",),
-}
 
 
 def make_report(
@@ -98,7 +94,7 @@ def make_report(
     }
     training: dict[str, Any] = {"teacher": teacher, "student": student}
     divergence = getattr(training_args, "divergence", None)
-    names = _TRAINING_FIELDS + _DIVERGENCE_FIELDS.get(divergence, ())
+    names = _TRAINING_FIELDS + divergence_config_fields(divergence)
     names += ("max_steps",) if training_args.max_steps > 0 else ("num_train_epochs",)
     training.update(
         {name: getattr(training_args, name) for name in names if hasattr(training_args, name)}

@@ -18,7 +18,8 @@ from abkd_trainer.divergences.chunked import (
     default_chunk_size,
     rowwise_loss_and_grad,
 )
-from abkd_trainer.divergences.pointwise import ABDivergence, make_divergence
+from abkd_trainer.divergences.pointwise import ABDivergence
+from abkd_trainer.divergences.registry import make_divergence
 
 NUM_TOKENS = 10
 

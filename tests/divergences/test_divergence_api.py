@@ -26,7 +26,7 @@ from abkd_trainer.divergences import (
     skew_reverse_kl,
     total_variation,
 )
-from abkd_trainer.divergences.pointwise import make_divergence
+from abkd_trainer.divergences.registry import make_divergence
 
 
 def _logits(*shape: int, seed: int = 0, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
