@@ -126,7 +126,7 @@ def run(
     """Write the cache; return its directory."""
     from transformers import AutoTokenizer
 
-    from abkd_trainer.cli.train import _load_datasets, _split
+    from abkd_trainer.cli.train import _split, load_datasets
     from abkd_trainer.lm.teacher_cache import cache_teacher
 
     if demo:
@@ -135,7 +135,7 @@ def run(
         limit_cpu_threads_for_demo()
         datasets = load_demo_dataset()
     else:
-        datasets = _load_datasets(script_args, mixture_args)
+        datasets = load_datasets(script_args, mixture_args)
     teacher = training_args.teacher_model_name_or_path
     # The tokenizer the training run will use: the student's (same family as the teacher's).
     tokenizer = AutoTokenizer.from_pretrained(

@@ -257,7 +257,10 @@ def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
     training_args.model_init_kwargs = model_init_kwargs
 
 
-def _load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
+def load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
+    """The splits named by ``--dataset_name`` (with ``--dataset_test_file``) or the mixture
+    ``--datasets``, as ``abkd-train`` loads them (also used by ``abkd-cache-teacher`` and
+    ``abkd-sweep``)."""
     from trl import get_dataset
 
     from abkd_trainer.lm.data import load_dataset_from_name
@@ -356,7 +359,7 @@ def load_run_inputs(
             + f", {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
         )
     else:
-        datasets = _load_datasets(script_args, mixture_args)
+        datasets = load_datasets(script_args, mixture_args)
         dataset_label = script_args.dataset_name or "dataset mixture"
         set_model_init_kwargs(model_args, training_args)
         model = model_args.model_name_or_path  # loaded by the trainer, sharded under ZeRO-3

@@ -975,14 +975,14 @@ def _sweep_data(
     script_args: Any, mixture_args: Any, sweep_args: SweepArguments, seed: int, demo: bool
 ) -> tuple[Dataset, Dataset, bool]:
     """Training and evaluation splits; the latter held out from training when there is none."""
-    from abkd_trainer.cli.train import _load_datasets
+    from abkd_trainer.cli.train import load_datasets
 
     if demo:
         from abkd_trainer.lm.demo import load_demo_dataset
 
         datasets = load_demo_dataset()
     else:
-        datasets = _load_datasets(script_args, mixture_args)
+        datasets = load_datasets(script_args, mixture_args)
     train = datasets[script_args.dataset_train_split]
     if script_args.dataset_test_split in datasets:
         return train, datasets[script_args.dataset_test_split], True
