@@ -1,15 +1,15 @@
 """What an output directory already holds: resuming from it, or refusing to overwrite it.
 
-A second run into the ``output_dir`` of an earlier one would interleave its checkpoints with the
-old ones, let ``save_total_limit`` rotate the old run's checkpoints away, and make a later
-``resume_from_checkpoint=True`` pick the old run's last checkpoint. The HF example scripts
-therefore refuse such a folder unless the user says ``--resume_from_checkpoint`` (continue) or
-``--overwrite_output_dir`` (start afresh); ``abkd-train`` does the same
-(:func:`check_output_dir_is_free`), and ``ABKDTrainer.train()`` warns
-(:func:`prepare_output_dir`).
+A second run into the `output_dir` of an earlier one would interleave its checkpoints with the
+old ones, let `save_total_limit` rotate the old run's checkpoints away, and make a later
+`resume_from_checkpoint=True` pick the old run's last checkpoint. The HF example scripts
+therefore refuse such a folder unless the user says `--resume_from_checkpoint` (continue) or
+`--overwrite_output_dir` (start afresh); `abkd-train` does the same
+(`check_output_dir_is_free`), and `ABKDTrainer.train()` warns
+(`prepare_output_dir`).
 
-A checkpoint is complete once Trainer has written its ``trainer_state.json``, the last file of
-``Trainer._save_checkpoint``; a run killed while saving leaves one without it, which resuming
+A checkpoint is complete once Trainer has written its `trainer_state.json`, the last file of
+`Trainer._save_checkpoint`; a run killed while saving leaves one without it, which resuming
 skips with a warning instead of failing on it.
 """
 
@@ -48,11 +48,11 @@ _WARNED_OUTPUT_DIRS: set[Path] = set()
 
 
 class OutputDirInUseError(ValueError):
-    """``output_dir`` holds an earlier run and the user said neither resume nor overwrite."""
+    """`output_dir` holds an earlier run and the user said neither resume nor overwrite."""
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """The ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
+    """The `checkpoint-<step>` folders of `output_dir`, oldest step first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -65,12 +65,12 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:
-    """Whether Trainer finished writing the checkpoint (its ``trainer_state.json`` exists)."""
+    """Whether Trainer finished writing the checkpoint (its `trainer_state.json` exists)."""
     return (Path(path) / TRAINER_STATE_NAME).is_file()
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The highest-step complete checkpoint in ``output_dir``, or None.
+    """The highest-step complete checkpoint in `output_dir`, or None.
 
     Newer incomplete checkpoints (a run killed while saving) are skipped with a warning.
     """
@@ -90,7 +90,7 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def wants_latest_checkpoint(value: Any) -> bool | None:
-    """Interpret ``resume_from_checkpoint``: True (latest), False (none) or None (a path)."""
+    """Interpret `resume_from_checkpoint`: True (latest), False (none) or None (a path)."""
     if value is None or isinstance(value, bool):
         return bool(value)
     text = str(value).strip().lower()
@@ -105,8 +105,8 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | P
     """The checkpoint folder to resume from, or None to start afresh.
 
     Args:
-        value: ``resume_from_checkpoint`` as given: None / False / ``"false"`` (start afresh),
-            True / ``"true"`` (the latest complete checkpoint of ``output_dir``) or a path.
+        value: `resume_from_checkpoint` as given: None / False / `"false"` (start afresh),
+            True / `"true"` (the latest complete checkpoint of `output_dir`) or a path.
         output_dir: the run's output directory.
 
     Raises:
@@ -138,7 +138,7 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | P
 
 
 def previous_run_files(output_dir: str | Path) -> list[str]:
-    """Checkpoint folders and saved-model files that an earlier run left in ``output_dir``."""
+    """Checkpoint folders and saved-model files that an earlier run left in `output_dir`."""
     output_dir = Path(output_dir)
     found = [path.name for path in checkpoint_dirs(output_dir)]
     found += [name for name in SAVED_MODEL_FILES if (output_dir / name).is_file()]
@@ -153,7 +153,7 @@ def _describe(files: list[str], limit: int = 4) -> str:
 def check_output_dir_is_free(
     output_dir: str | Path, *, resume_from_checkpoint: Any, overwrite_output_dir: bool
 ) -> None:
-    """Refuse an ``output_dir`` holding an earlier run unless resuming or overwriting (CLI rule).
+    """Refuse an `output_dir` holding an earlier run unless resuming or overwriting (CLI rule).
 
     Raises:
         OutputDirInUseError: naming what the folder holds and both options.
@@ -174,15 +174,15 @@ def check_output_dir_is_free(
 def prepare_output_dir(
     args: Any, resume_from_checkpoint: str | bool | None, *, is_main_process: bool
 ) -> str | None:
-    """What ``ABKDTrainer.train()`` does with ``output_dir`` before Trainer's own ``train()``.
+    """What `ABKDTrainer.train()` does with `output_dir` before Trainer's own `train()`.
 
-    Resolves ``resume_from_checkpoint`` (True: the latest *complete* checkpoint). When starting
-    afresh in a folder that holds an earlier run, ``args.overwrite_output_dir`` deletes its
+    Resolves `resume_from_checkpoint` (True: the latest *complete* checkpoint). When starting
+    afresh in a folder that holds an earlier run, `args.overwrite_output_dir` deletes its
     checkpoint folders (main process), otherwise a warning (once per folder) says what will be
     mixed or overwritten.
 
     Returns:
-        The checkpoint folder to hand to ``Trainer.train``, or None.
+        The checkpoint folder to hand to `Trainer.train`, or None.
     """
     checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, args.output_dir)
     if checkpoint is not None or not is_main_process:

@@ -1,34 +1,35 @@
 """A warning when the student collapses onto tokens the teacher does not choose.
 
-With ``alpha + beta < 1`` the alpha-beta divergence rewards a peaked student (the term
-``sum_k q_k^(alpha+beta) / (alpha (alpha+beta))``), and the gradient on a token's logit scales
-with ``q_k^beta``: once a student far from the teacher (a random initialisation, a different
-task) has put its mass on a wrong token, nothing pulls it back. Reverse KL ``(0, 1)`` can show the
+With `alpha + beta < 1` the alpha-beta divergence rewards a peaked student (the term
+`sum_k q_k^(alpha+beta) / (alpha (alpha+beta))`), and the gradient on a token's logit scales
+with `q_k^beta`: once a student far from the teacher (a random initialisation, a different
+task) has put its mass on a wrong token, nothing pulls it back. Reverse KL `(0, 1)` can show the
 same zero-forcing. The symptom shows in metrics the trainer logs anyway: the student becomes *more
 certain than it has reason to be* while it keeps disagreeing with the teacher.
 
-:class:`CollapseGuardCallback` reads the train logs and warns once when, for ``patience``
+`CollapseGuardCallback` reads the train logs and warns once when, for `patience`
 consecutive logs,
 
-1. top-1 agreement with the teacher stays low: ``teacher_agreement < max_agreement`` (0.6), and
+1. top-1 agreement with the teacher stays low: `teacher_agreement < max_agreement` (0.6), and
 2. the student's entropy is far below what either the teacher or its own agreement justifies:
-   ``student_entropy < entropy_ratio * max(teacher_entropy, -log(teacher_agreement))`` (ratio 0.5;
+   `student_entropy < entropy_ratio * max(teacher_entropy, -log(teacher_agreement))` (ratio 0.5;
    the agreement floored at 0.01),
 3. and has fallen since the first train log (an over-confident student that forward KL is
    making less so is not collapsing).
 
-``-log(agreement)`` matters for near-deterministic teachers (the demo teacher's entropy is 0.16
+`-log(agreement)` matters for near-deterministic teachers (the demo teacher's entropy is 0.16
 nats), where a collapsed student is about as certain as the teacher, not far below it. Any
-distribution satisfies ``H(q) >= -log max_k q_k``, so by Jensen a mean entropy below ``-log(a)``
-means the student's mean top-1 probability exceeds ``a``, the rate at which its top-1 is the
+distribution satisfies `H(q) >= -log max_k q_k`, so by Jensen a mean entropy below `-log(a)`
+means the student's mean top-1 probability exceeds `a`, the rate at which its top-1 is the
 teacher's: it is more certain than its agreement allows. Condition 2 asks for less than half of
 that entropy.
 
-Measured on the shipped demo over 3 training seeds (``benchmarks/collapse_guard.py``, README
-"Collapse guard"): at ``(alpha, beta) = (0.2, 0.7)`` from random init the student ends at entropy
-0.16-0.26 nats and agreement 0.43-0.50 (cross-entropy 5-6 nats) and the guard fires at step 80;
-forward KL, reverse KL, ``(0.8, 0.3)`` and the linear path from ``(1, 0)`` into ``(0.2, 0.7)``
-keep the student's entropy at 1.0-1.4 nats, never closer to the bound than a factor 4.6.
+Measured on the shipped demo over 3 training seeds (`benchmarks/collapse_guard.py`; the table is
+on the documentation's Benchmarks page): at `(alpha, beta) = (0.2, 0.7)` from random init the
+student ends at entropy 0.16-0.26 nats and agreement 0.43-0.50 (cross-entropy 5-6 nats) and the
+guard fires at step 80; forward KL, reverse KL, `(0.8, 0.3)` and the linear path from `(1, 0)`
+into `(0.2, 0.7)` keep the student's entropy at 1.0-1.4 nats, never closer to the bound than a
+factor 4.6.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def collapse_diagnosis(
     """The diagnosis of one train log, or None if it lacks the metrics or agreement is high.
 
     Args:
-        logs: a train log of :class:`~abkd_trainer.ABKDTrainer` (``student_entropy``,
-            ``teacher_entropy``, ``teacher_agreement``).
+        logs: a train log of `ABKDTrainer` (`student_entropy`,
+            `teacher_entropy`, `teacher_agreement`).
         max_agreement: agreement at or above which the student is not considered collapsing.
-        entropy_ratio: the fraction of ``max(teacher_entropy, -log(agreement))`` below which the
+        entropy_ratio: the fraction of `max(teacher_entropy, -log(agreement))` below which the
             student's entropy counts as collapsed.
     """
     try:
@@ -96,14 +97,14 @@ def collapse_diagnosis(
 class CollapseGuardCallback(TrainerCallback):
     """Warn once when the student's entropy collapses while it disagrees with the teacher.
 
-    Added by :class:`~abkd_trainer.ABKDTrainer` by default (remove it with
-    ``trainer.remove_callback(CollapseGuardCallback)``). It only reads the train logs, so it costs
-    nothing and changes nothing; after it fires, ``fired_at_step`` and ``diagnosis`` say when and
+    Added by `ABKDTrainer` by default (remove it with
+    `trainer.remove_callback(CollapseGuardCallback)`). It only reads the train logs, so it costs
+    nothing and changes nothing; after it fires, `fired_at_step` and `diagnosis` say when and
     why.
 
     Args:
         max_agreement: top-1 agreement at or above which the student is not collapsing (0.6).
-        entropy_ratio: how far below ``max(teacher_entropy, -log(agreement))`` the student's
+        entropy_ratio: how far below `max(teacher_entropy, -log(agreement))` the student's
             entropy must fall (0.5).
         patience: consecutive collapsing train logs needed (3), so that one noisy log never fires.
     """

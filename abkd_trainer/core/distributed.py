@@ -2,20 +2,20 @@
 
 Two jobs live here:
 
-* :func:`prepare_deepspeed_teacher` wraps the frozen teacher as a DeepSpeed *inference* engine
+* `prepare_deepspeed_teacher` wraps the frozen teacher as a DeepSpeed *inference* engine
   built from the student's DeepSpeed config. Under ZeRO-3 the teacher is partitioned across ranks
   like the student (no optimizer state); under ZeRO-0/1/2 it is replicated (stage 0), because those
   stages only shard optimizer state and gradients, which a frozen model does not have.
-  TRL's ``trl.models.utils.prepare_deepspeed`` does the same job but writes its ZeRO-3 tuning under
-  dotted keys (``"zero_optimization.stage3_param_persistence_threshold"``) that DeepSpeed ignores;
-  :func:`build_teacher_deepspeed_config` writes the nested keys DeepSpeed actually reads.
+  TRL's `trl.models.utils.prepare_deepspeed` does the same job but writes its ZeRO-3 tuning under
+  dotted keys (`"zero_optimization.stage3_param_persistence_threshold"`) that DeepSpeed ignores;
+  `build_teacher_deepspeed_config` writes the nested keys DeepSpeed actually reads.
 
-* :func:`init_cpu_distributed_state` lets the same launch commands run DeepSpeed on CPU ranks
+* `init_cpu_distributed_state` lets the same launch commands run DeepSpeed on CPU ranks
   (gloo), which is how the test-suite exercises real sharding without GPUs. Without a GPU,
   accelerate picks no process-group backend when told to use DeepSpeed, so every rank believes it
   is rank 0 of 1 and DeepSpeed rejects the batch size. The helper creates the process state itself
   with the gloo backend; the training arguments then reuse it
-  (``accelerator_config={"use_configured_state": True}``). It does nothing when a hardware
+  (`accelerator_config={"use_configured_state": True}`). It does nothing when a hardware
   accelerator (CUDA, XPU, ...) is visible, so GPU runs are untouched.
 """
 
@@ -75,10 +75,10 @@ def _is_auto(value: Any) -> bool:
 
 
 def model_hidden_size(config: PretrainedConfig | None) -> int | None:
-    """The width that ZeRO-3's bucket and persistence sizes scale with, or ``None`` when unknown.
+    """The width that ZeRO-3's bucket and persistence sizes scale with, or `None` when unknown.
 
-    Mirrors transformers' rule: ``hidden_size``, else the largest of ``hidden_sizes``, looking
-    inside ``text_config`` for multimodal models (GPT-2 aliases ``hidden_size`` to ``n_embd``).
+    Mirrors transformers' rule: `hidden_size`, else the largest of `hidden_sizes`, looking
+    inside `text_config` for multimodal models (GPT-2 aliases `hidden_size` to `n_embd`).
     """
     for candidate in (config, getattr(config, "text_config", None)):
         if candidate is None:
@@ -103,24 +103,24 @@ def build_teacher_deepspeed_config(
 
     Args:
         training_config: the student's DeepSpeed config, normally
-            ``accelerator.state.deepspeed_plugin.deepspeed_config``. It is not modified.
+            `accelerator.state.deepspeed_plugin.deepspeed_config`. It is not modified.
         hidden_size: the teacher's hidden size, used to fill ZeRO-3 sizes left "auto" or unset
-            (``None``: those keys are dropped so that DeepSpeed's defaults apply).
+            (`None`: those keys are dropped so that DeepSpeed's defaults apply).
         world_size: number of data-parallel ranks, used to make the batch-size keys consistent
             when some are still "auto" (DeepSpeed checks
-            ``train_batch_size == micro_batch * accumulation * world_size`` even for an engine
+            `train_batch_size == micro_batch * accumulation * world_size` even for an engine
             that never trains).
-        mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"fp8"``
-            (``accelerator.mixed_precision``), used only for ``fp16.enabled`` / ``bf16.enabled``
+        mixed_precision: `"no"`, `"fp16"`, `"bf16"` or `"fp8"`
+            (`accelerator.mixed_precision`), used only for `fp16.enabled` / `bf16.enabled`
             still at "auto".
 
     Returns:
-        A new config dict without ``optimizer``, ``scheduler``, ``gradient_clipping`` and
-        ``offload_optimizer``.
-        ZeRO stage 3 is kept (parameters partitioned, ``offload_param`` honoured) with
-        ``stage3_param_persistence_threshold`` = 10 * hidden, ``stage3_prefetch_bucket_size``
-        = 0.9 * hidden^2 and ``reduce_bucket_size`` = hidden^2 wherever the user left them "auto"
-        or unset (explicit values win). Any other stage becomes ``{"stage": 0}``: replicated.
+        A new config dict without `optimizer`, `scheduler`, `gradient_clipping` and
+        `offload_optimizer`.
+        ZeRO stage 3 is kept (parameters partitioned, `offload_param` honoured) with
+        `stage3_param_persistence_threshold` = 10 * hidden, `stage3_prefetch_bucket_size`
+        = 0.9 * hidden^2 and `reduce_bucket_size` = hidden^2 wherever the user left them "auto"
+        or unset (explicit values win). Any other stage becomes `{"stage": 0}`: replicated.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}.")
@@ -167,7 +167,7 @@ def build_teacher_deepspeed_config(
 
 
 def _resolve_batch_sizes(config: dict[str, Any], world_size: int) -> None:
-    """Replace "auto" batch keys by values consistent with ``world_size`` (in place).
+    """Replace "auto" batch keys by values consistent with `world_size` (in place).
 
     Inside a Trainer these keys are already resolved from the training arguments; this only
     matters when the teacher is prepared outside one. The teacher never steps, so the values are
@@ -189,19 +189,19 @@ def prepare_deepspeed_teacher(teacher_model: nn.Module, accelerator: Accelerator
 
     Under ZeRO-3 each rank keeps 1/world_size of every teacher parameter, gathered layer by layer
     in the forward pass (so every rank must run the teacher forward the same number of times,
-    which a Trainer's ``compute_loss`` does); under ZeRO-0/1/2 each rank holds a full copy. No
-    optimizer state is created. :func:`build_teacher_deepspeed_config` gives the exact config.
+    which a Trainer's `compute_loss` does); under ZeRO-0/1/2 each rank holds a full copy. No
+    optimizer state is created. `build_teacher_deepspeed_config` gives the exact config.
 
     Args:
-        teacher_model: the teacher, e.g. an ``AutoModelForCausalLM``. Loading it *after* the
-            training arguments exist lets ZeRO-3 partition it while loading (``zero.Init``), so no
+        teacher_model: the teacher, e.g. an `AutoModelForCausalLM`. Loading it *after* the
+            training arguments exist lets ZeRO-3 partition it while loading (`zero.Init`), so no
             rank ever holds the whole model.
         accelerator: the Trainer's accelerator; DeepSpeed must be enabled on it.
 
     Returns:
-        The DeepSpeed engine in eval mode, every parameter with ``requires_grad=False``. Call it
-        like the model (``engine(input_ids=..., attention_mask=...)``); the model is
-        ``engine.module``.
+        The DeepSpeed engine in eval mode, every parameter with `requires_grad=False`. Call it
+        like the model (`engine(input_ids=..., attention_mask=...)`); the model is
+        `engine.module`.
     """
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is None:
@@ -246,25 +246,25 @@ def init_cpu_distributed_state(use_deepspeed: bool | None = None) -> bool:
     """Set up a gloo process group and accelerate state for DeepSpeed on CPU ranks, else no-op.
 
     Call it first thing in a training script, before the training arguments are created. When it
-    returns ``True``, create them with ``accelerator_config=CONFIGURED_STATE_ACCELERATOR_CONFIG``
-    (``{"use_configured_state": True}``) so that transformers reuses this state instead of
+    returns `True`, create them with `accelerator_config=CONFIGURED_STATE_ACCELERATOR_CONFIG`
+    (`{"use_configured_state": True}`) so that transformers reuses this state instead of
     building one that sees a single process.
 
-    It acts only when all of these hold, and otherwise returns ``False`` touching nothing:
+    It acts only when all of these hold, and otherwise returns `False` touching nothing:
     no hardware accelerator is visible (GPU users are unaffected); the launcher started more than
-    one process; DeepSpeed is requested (``use_deepspeed``, or when that is ``None``,
-    ``ACCELERATE_USE_DEEPSPEED=true``, which ``accelerate launch`` sets for a DeepSpeed config);
+    one process; DeepSpeed is requested (`use_deepspeed`, or when that is `None`,
+    `ACCELERATE_USE_DEEPSPEED=true`, which `accelerate launch` sets for a DeepSpeed config);
     and no accelerate state exists yet.
 
-    Plain (non-DeepSpeed) data parallelism on CPU does not need this: pass ``use_cpu=True`` to
+    Plain (non-DeepSpeed) data parallelism on CPU does not need this: pass `use_cpu=True` to
     the training arguments and accelerate uses gloo by itself.
 
     Args:
-        use_deepspeed: whether the run uses DeepSpeed (e.g. a ``--deepspeed`` value was given);
-            ``None`` reads ``ACCELERATE_USE_DEEPSPEED`` from the environment.
+        use_deepspeed: whether the run uses DeepSpeed (e.g. a `--deepspeed` value was given);
+            `None` reads `ACCELERATE_USE_DEEPSPEED` from the environment.
 
     Returns:
-        Whether the state was created here (then ``use_configured_state`` is required).
+        Whether the state was created here (then `use_configured_state` is required).
     """
     from accelerate import PartialState
 
@@ -298,7 +298,7 @@ def finish_distributed_run(*, skip_interpreter_teardown: bool = False) -> None:
     exits while others still talk to it. On CPU ranks (gloo, DeepSpeed's CPU accelerator) a
     background C++ thread still aborts some exits with "terminate called without an active
     exception" (seen in about 1 of 10 two-rank runs here, after all output was written).
-    ``skip_interpreter_teardown=True`` then ends the process with ``os._exit(0)`` after flushing
+    `skip_interpreter_teardown=True` then ends the process with `os._exit(0)` after flushing
     the standard streams, so those C++ destructors never run; use it only once everything has
     been saved. Does nothing in a single-process run.
     """

@@ -1,10 +1,10 @@
-"""``--push_to_hub`` in ``abkd-train``: check the Hub before training, explain a failed upload.
+"""`--push_to_hub` in `abkd-train`: check the Hub before training, explain a failed upload.
 
 Training can take days; finding out at the end that the Hub cannot be reached (no network, no
 token, a read-only token) wastes them, and an upload that fails must not take the evaluation
-with it. So ``abkd-train`` calls :func:`check_hub_access` before loading anything (one
-``whoami`` request), writes the student, its card and the report locally, and only then
-uploads; :func:`retry_upload_command` is what it prints when the upload fails.
+with it. So `abkd-train` calls `check_hub_access` before loading anything (one
+`whoami` request), writes the student, its card and the report locally, and only then
+uploads; `retry_upload_command` is what it prints when the upload fails.
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ UPLOAD_IGNORE_PATTERNS = ("checkpoint-*", "_*")
 
 
 class HubAccessError(RuntimeError):
-    """``--push_to_hub`` was asked for but the Hub cannot be written to."""
+    """`--push_to_hub` was asked for but the Hub cannot be written to."""
 
 
 class HubUploadError(RuntimeError):
-    """The final upload failed; every local file is still in ``output_dir``."""
+    """The final upload failed; every local file is still in `output_dir`."""
 
 
 def check_hub_access(token: str | None = None) -> str:
-    """Check that the Hub answers and that ``token`` (or the saved login) may write to it.
+    """Check that the Hub answers and that `token` (or the saved login) may write to it.
 
     Returns:
         The user name the token belongs to.
 
     Raises:
         HubAccessError: offline mode, no token, an invalid or read-only token, or no answer
-            from the Hub; the message names the Hub and ``--push_to_hub``.
+            from the Hub; the message names the Hub and `--push_to_hub`.
     """
     endpoint = constants.ENDPOINT
     fix = (
@@ -79,7 +79,7 @@ def _exclude_flags() -> str:
 
 
 def retry_upload_command(repo_id: str, output_dir: str | Path, revision: str | None = None) -> str:
-    """The ``hf upload`` command that uploads what ``Trainer.push_to_hub`` would have uploaded."""
+    """The `hf upload` command that uploads what `Trainer.push_to_hub` would have uploaded."""
     command = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(output_dir))} . "
     command += _exclude_flags()
     if revision:

@@ -28,11 +28,11 @@ _CACHE_SNAPSHOT = re.compile(
 
 
 def hub_id(name_or_path: str | os.PathLike | None) -> str | None:
-    """The Hub repository ``name_or_path`` refers to, or None for a local path without one.
+    """The Hub repository `name_or_path` refers to, or None for a local path without one.
 
     A local directory that is a snapshot of the Hub cache gives back its repository id; any
     other existing path, or a string that cannot be a repository id (an absolute or relative
-    path, a file name such as ``train.jsonl``), gives None.
+    path, a file name such as `train.jsonl`), gives None.
     """
     if not name_or_path:
         return None
@@ -61,7 +61,7 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".saf
 
 
 def distillation_section(settings: Mapping[str, object]) -> str:
-    """Markdown for the distillation set-up: a sentence and a two-column table of ``settings``."""
+    """Markdown for the distillation set-up: a sentence and a two-column table of `settings`."""
     rows = "\n".join(f"| {name} | {_format(value)} |" for name, value in settings.items())
     return (
         f"{SECTION_TITLE}\n\n"
@@ -76,9 +76,9 @@ def distillation_section(settings: Mapping[str, object]) -> str:
 def add_distillation_section(
     card_text: str, settings: Mapping[str, object], model_location: str | None = None
 ) -> str:
-    """``card_text`` with :func:`distillation_section` inserted (replacing an earlier one).
+    """`card_text` with `distillation_section` inserted (replacing an earlier one).
 
-    ``model_location`` (a local directory) replaces the ``model="None"`` that TRL's quick-start
+    `model_location` (a local directory) replaces the `model="None"` that TRL's quick-start
     snippet shows for a model without a Hub id.
     """
     section = distillation_section(settings)
@@ -113,10 +113,10 @@ def rouge_l_eval_result(
     seeds: Sequence[int] = (),
     num_prompts: int | None = None,
 ) -> EvalResult:
-    """A ``model-index`` entry for the ROUGE-L of sampled responses (``lm.evaluation``).
+    """A `model-index` entry for the ROUGE-L of sampled responses (`lm.evaluation`).
 
-    ``dataset`` is a Hub id (then also the entry's dataset type) or a local path (named by its
-    file or folder name, typed ``local``).
+    `dataset` is a Hub id (then also the entry's dataset type) or a local path (named by its
+    file or folder name, typed `local`).
     """
     from huggingface_hub import EvalResult
 
@@ -141,7 +141,7 @@ def rouge_l_eval_result(
 
 
 def add_model_index(card_text: str, model_name: str, eval_results: Sequence[EvalResult]) -> str:
-    """``card_text`` with its metadata's ``model-index`` set to ``eval_results``."""
+    """`card_text` with its metadata's `model-index` set to `eval_results`."""
     from huggingface_hub import ModelCard
 
     card = ModelCard(card_text, ignore_metadata_errors=True)
@@ -153,11 +153,11 @@ def add_model_index(card_text: str, model_name: str, eval_results: Sequence[Eval
 def add_rouge_l_results(
     card_text: str, callbacks: Sequence[Any], *, model_name: str, global_step: int
 ) -> str:
-    """Add the ROUGE-L of the saved model, if a ``RougeLCallback`` measured it, as ``model-index``.
+    """Add the ROUGE-L of the saved model, if a `RougeLCallback` measured it, as `model-index`.
 
-    The score is the callback's ``student_after`` (after training, with the best model when
-    ``load_best_model_at_end``), else its evaluation at ``global_step`` (a checkpoint); with
-    neither, ``card_text`` is returned unchanged.
+    The score is the callback's `student_after` (after training, with the best model when
+    `load_best_model_at_end`), else its evaluation at `global_step` (a checkpoint); with
+    neither, `card_text` is returned unchanged.
     """
     from abkd_trainer.lm.evaluation import RougeLCallback
 

@@ -2,11 +2,11 @@
 
 One NaN in a frozen teacher (a corrupted weight, an fp16 overflow) turns every student weight NaN
 within one optimizer step, and nothing downstream notices: the loss logs as NaN or 0, argmax of
-NaN rows "agrees", and ``save_model`` writes the broken model. Two checks prevent that:
+NaN rows "agrees", and `save_model` writes the broken model. Two checks prevent that:
 
-* at construction, :func:`check_finite_outputs` runs each model on a few tokens (under the
+* at construction, `check_finite_outputs` runs each model on a few tokens (under the
   training autocast) and names the non-finite parameters if the logits are not finite;
-* at every loss computation, :func:`check_finite_step` reads sums the loss pass computes anyway
+* at every loss computation, `check_finite_step` reads sums the loss pass computes anyway
   (both models' entropies over the supervised positions, which are finite exactly when every
   log-probability is, and the loss) and raises before backward and the optimizer step, so the
   student and the last checkpoint stay as they were.
@@ -40,15 +40,15 @@ class NonFiniteError(FloatingPointError):
 
 
 def probe_input_ids(model: nn.Module, num_tokens: int = 4) -> torch.Tensor:
-    """``(1, num_tokens)`` token ids ``0, 1, ...`` on ``model``'s device, for start-up probes."""
+    """`(1, num_tokens)` token ids `0, 1, ...` on `model`'s device, for start-up probes."""
     vocab_size = model.config.get_text_config().vocab_size
     return torch.arange(min(num_tokens, vocab_size), device=model.device).unsqueeze(0)
 
 
 def non_finite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
-    """Names (with NaN/inf counts) of up to ``limit`` parameters or buffers that are not finite.
+    """Names (with NaN/inf counts) of up to `limit` parameters or buffers that are not finite.
 
-    Partitioned parameters (DeepSpeed ZeRO-3 shards, shape ``(0,)``) are skipped.
+    Partitioned parameters (DeepSpeed ZeRO-3 shards, shape `(0,)`) are skipped.
     """
     found = []
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
@@ -64,12 +64,12 @@ def non_finite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
 
 @torch.no_grad()
 def check_finite_outputs(who: str, model: nn.Module, logits: torch.Tensor | None = None) -> None:
-    """Raise :class:`NonFiniteError` unless ``model``'s logits on a short probe are all finite.
+    """Raise `NonFiniteError` unless `model`'s logits on a short probe are all finite.
 
     Args:
-        who: ``"teacher"`` or ``"student"``, for the message.
+        who: `"teacher"` or `"student"`, for the message.
         model: a transformers causal LM (in eval mode for a deterministic probe).
-        logits: ``(1, n, V)`` logits of :func:`probe_input_ids` if the caller already ran them;
+        logits: `(1, n, V)` logits of `probe_input_ids` if the caller already ran them;
             otherwise the model is run here (call it under the training autocast).
     """
     if logits is None:
@@ -97,14 +97,14 @@ def check_finite_step(
     step: int,
     training: bool,
 ) -> None:
-    """Raise :class:`NonFiniteError` if this micro-batch's teacher, student or loss is not finite.
+    """Raise `NonFiniteError` if this micro-batch's teacher, student or loss is not finite.
 
     Args:
         teacher_entropy_sum, student_entropy_sum: sums of each model's per-token entropy over the
             supervised positions of the micro-batch (non-finite iff some log-probability is).
         loss: the scalar loss about to be back-propagated.
-        step: the optimizer step being computed (``state.global_step + 1`` in training).
-        training: whether this is a training step (else an evaluation after step ``step``).
+        step: the optimizer step being computed (`state.global_step + 1` in training).
+        training: whether this is a training step (else an evaluation after step `step`).
     """
     values = torch.stack([teacher_entropy_sum, student_entropy_sum, loss]).detach()
     teacher_ok, student_ok, loss_ok = torch.isfinite(values.float()).tolist()  # one host read

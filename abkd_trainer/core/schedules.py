@@ -1,28 +1,28 @@
-"""Schedules of the alpha-beta divergence's ``(alpha, beta)`` over training.
+"""Schedules of the alpha-beta divergence's `(alpha, beta)` over training.
 
 Two pieces, applied in this order:
 
-1. **Warm-up** (on by default): training starts at ``(alpha, beta) = (1, 0)``, forward KL, and
-   moves along a straight line to the configured ``(alpha, beta)`` over the first
-   ``ab_warmup_steps`` optimizer steps (or ``ceil(ab_warmup_ratio * max_steps)``; by default
+1. **Warm-up** (on by default): training starts at `(alpha, beta) = (1, 0)`, forward KL, and
+   moves along a straight line to the configured `(alpha, beta)` over the first
+   `ab_warmup_steps` optimizer steps (or `ceil(ab_warmup_ratio * max_steps)`; by default
    the whole run), then holds.
-   Why: with ``alpha + beta < 1`` (the paper's ``(0.2, 0.7)``) the divergence contains
-   ``+ sum_k q_k^(a+b) / (a (a+b))``, which a peaked student lowers on *any* token, and the
-   gradient on a logit carries ``q_k^beta``, so a student that does not yet overlap the teacher
+   Why: with `alpha + beta < 1` (the paper's `(0.2, 0.7)`) the divergence contains
+   `+ sum_k q_k^(a+b) / (a (a+b))`, which a peaked student lowers on *any* token, and the
+   gradient on a logit carries `q_k^beta`, so a student that does not yet overlap the teacher
    collapses onto wrong tokens and stays there. Forward KL has neither effect: it first pulls the
    student's mass onto the teacher's support, after which the mode-seeking setting refines it.
-2. **Linear end schedule** (``alpha_end`` / ``beta_end``, off by default): after the warm-up,
-   ``(alpha, beta)`` moves linearly from the configured values to ``(alpha_end, beta_end)`` over
+2. **Linear end schedule** (`alpha_end` / `beta_end`, off by default): after the warm-up,
+   `(alpha, beta)` moves linearly from the configured values to `(alpha_end, beta_end)` over
    the remaining steps. Without a warm-up this is the plain linear schedule over all steps; and
    with an end schedule the default warm-up is off (it is a path of its own), unless
-   ``ab_warmup_ratio`` / ``ab_warmup_steps`` ask for one.
+   `ab_warmup_ratio` / `ab_warmup_steps` ask for one.
 
-The straight line from ``(1, 0)`` to ``(alpha, beta)`` is also linear in ``alpha`` and in
-``alpha + beta`` (the quantities the authors' scripts schedule), and since the divergence is
-continuous in ``(alpha, beta)`` everywhere, the path crosses no discontinuity.
+The straight line from `(1, 0)` to `(alpha, beta)` is also linear in `alpha` and in
+`alpha + beta` (the quantities the authors' scripts schedule), and since the divergence is
+continuous in `(alpha, beta)` everywhere, the path crosses no discontinuity.
 
 Everything is a pure function of the optimizer step, so a resumed run continues the same
-schedule from its checkpoint's ``global_step``.
+schedule from its checkpoint's `global_step`.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ WARMUP_SHAPES: dict[str, str] = {
 
 
 def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
-    """A hyper-parameter moving linearly from ``start`` (step 0) to ``end`` (step ``total_steps``).
+    """A hyper-parameter moving linearly from `start` (step 0) to `end` (step `total_steps`).
 
-    ``end=None`` means constant. Steps outside ``[0, total_steps]`` are clamped;
-    ``total_steps <= 0`` gives ``start``.
+    `end=None` means constant. Steps outside `[0, total_steps]` are clamped;
+    `total_steps <= 0` gives `start`.
     """
     if end is None or total_steps <= 0:
         return start
@@ -57,8 +57,8 @@ def linear_schedule(start: float, end: float | None, step: int, total_steps: int
 
 
 def effective_warmup_ratio(args: ABKDConfig) -> float:
-    """``args.ab_warmup_ratio``, or for None (the default) :data:`DEFAULT_WARMUP_RATIO`, or 0
-    when ``alpha_end`` / ``beta_end`` are set (an explicit path of their own)."""
+    """`args.ab_warmup_ratio`, or for None (the default) `DEFAULT_WARMUP_RATIO`, or 0
+    when `alpha_end` / `beta_end` are set (an explicit path of their own)."""
     if args.ab_warmup_ratio is not None:
         return args.ab_warmup_ratio
     if args.alpha_end is not None or args.beta_end is not None:
@@ -67,9 +67,9 @@ def effective_warmup_ratio(args: ABKDConfig) -> float:
 
 
 def resolve_warmup_steps(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:
-    """Number of warm-up steps, with TrainingArguments' convention: ``warmup_steps`` wins when > 0.
+    """Number of warm-up steps, with TrainingArguments' convention: `warmup_steps` wins when > 0.
 
-    Otherwise ``ceil(warmup_ratio * total_steps)``. Never more than ``total_steps``.
+    Otherwise `ceil(warmup_ratio * total_steps)`. Never more than `total_steps`.
     """
     steps = warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * max(total_steps, 0))
     return min(steps, max(total_steps, 0))
@@ -96,13 +96,13 @@ def alpha_beta_at_step(
     warmup_start: tuple[float, float] = (1.0, 0.0),
     warmup_shape: str = "linear",
 ) -> tuple[float, float]:
-    """``(alpha, beta)`` for the optimizer step ``step`` (0-based) of a ``total_steps``-step run.
+    """`(alpha, beta)` for the optimizer step `step` (0-based) of a `total_steps`-step run.
 
-    Steps ``0 .. warmup_steps - 1`` move from ``warmup_start`` towards ``(alpha, beta)``, reached
-    at step ``warmup_steps``; then ``(alpha, beta)`` moves linearly to ``(alpha_end, beta_end)``
-    (each None: held) over the remaining steps, reached at ``total_steps``. With
-    ``total_steps <= 0`` (no training planned, e.g. ``evaluate()`` alone) the configured
-    ``(alpha, beta)`` is returned.
+    Steps `0 .. warmup_steps - 1` move from `warmup_start` towards `(alpha, beta)`, reached
+    at step `warmup_steps`; then `(alpha, beta)` moves linearly to `(alpha_end, beta_end)`
+    (each None: held) over the remaining steps, reached at `total_steps`. With
+    `total_steps <= 0` (no training planned, e.g. `evaluate()` alone) the configured
+    `(alpha, beta)` is returned.
     """
     if total_steps <= 0:
         return alpha, beta
@@ -122,7 +122,7 @@ def alpha_beta_at_step(
 
 
 def scheduled_alpha_beta(args: ABKDConfig, step: int, total_steps: int) -> tuple[float, float]:
-    """``(alpha, beta)`` of an :class:`~abkd_trainer.ABKDConfig` at ``step`` of ``total_steps``."""
+    """`(alpha, beta)` of an `ABKDConfig` at `step` of `total_steps`."""
     return alpha_beta_at_step(
         step,
         total_steps,

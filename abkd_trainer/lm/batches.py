@@ -11,10 +11,10 @@ IGNORE_INDEX = -100
 
 
 def next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
-    """``(batch, seq)``: the token each position predicts, ``-100`` where none is supervised.
+    """`(batch, seq)`: the token each position predicts, `-100` where none is supervised.
 
-    ``labels`` shifted left by one with ``-100`` appended (a collator's ready-made
-    ``shift_labels`` are used as they are). Aligned with the logits, so these need no slicing.
+    `labels` shifted left by one with `-100` appended (a collator's ready-made
+    `shift_labels` are used as they are). Aligned with the logits, so these need no slicing.
     """
     if "shift_labels" in batch:
         return batch["shift_labels"]
@@ -28,10 +28,10 @@ def next_token_targets(batch: dict[str, Any]) -> torch.Tensor:
 
 
 def input_token_count(batch: dict[str, Any]) -> torch.Tensor:
-    """Input tokens of a batch, padding excluded, as SFTTrainer counts them for ``num_tokens``.
+    """Input tokens of a batch, padding excluded, as SFTTrainer counts them for `num_tokens`.
 
-    ``attention_mask.sum()``, or the packed length of a padding-free batch (``position_ids`` of
-    shape ``(1, N)`` and no attention mask).
+    `attention_mask.sum()`, or the packed length of a padding-free batch (`position_ids` of
+    shape `(1, N)` and no attention mask).
     """
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()

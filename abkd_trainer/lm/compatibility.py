@@ -1,6 +1,6 @@
 """Checks, at trainer construction, that the configuration fits both models.
 
-A mismatch found here costs a second; found at the first long batch it costs an ``IndexError``
+A mismatch found here costs a second; found at the first long batch it costs an `IndexError`
 after the dataset was prepared and maybe a checkpoint written.
 """
 
@@ -18,9 +18,9 @@ POSITION_LIMIT_ATTRIBUTES = ("max_position_embeddings", "n_positions")
 
 
 def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence ``model`` supports according to its config, or None if it declares none.
+    """The longest sequence `model` supports according to its config, or None if it declares none.
 
-    Learned position tables (GPT-2) fail with an ``IndexError`` beyond it; rotary models run but
+    Learned position tables (GPT-2) fail with an `IndexError` beyond it; rotary models run but
     outside the context they were trained for.
     """
     limit = _position_limit_and_name(model)
@@ -30,12 +30,12 @@ def position_limit(model: nn.Module) -> int | None:
 def check_position_limits(
     max_length: int | None, models: Mapping[str, nn.Module], *, packing: bool = False
 ) -> None:
-    """Raise ``ValueError`` if ``max_length`` exceeds a model's position limit.
+    """Raise `ValueError` if `max_length` exceeds a model's position limit.
 
     Args:
-        max_length: ``SFTConfig.max_length``, the truncation length and, with ``packing``, the
+        max_length: `SFTConfig.max_length`, the truncation length and, with `packing`, the
             length of a packed sequence. None (no truncation) cannot be checked here.
-        models: role (``"student"``, ``"teacher"``) -> transformers model.
+        models: role (`"student"`, `"teacher"`) -> transformers model.
         packing: whether sequences are packed (only changes the message).
     """
     if max_length is None:
@@ -55,8 +55,8 @@ def check_position_limits(
 
 
 def _position_limit_and_name(model: nn.Module) -> tuple[int, str] | None:
-    """``(limit, config attribute)``, the attribute under its own name (GPT-2's ``n_positions``
-    also answers to ``max_position_embeddings`` through ``attribute_map``)."""
+    """`(limit, config attribute)`, the attribute under its own name (GPT-2's `n_positions`
+    also answers to `max_position_embeddings` through `attribute_map`)."""
     config = model.config.get_text_config()
     aliases = getattr(config, "attribute_map", {}) or {}
     for name in POSITION_LIMIT_ATTRIBUTES:

@@ -1,14 +1,14 @@
 """Loading and checking the datasets ABKD distils on, with errors that say what to fix.
 
-:func:`load_dataset_from_name` reads ``--dataset_name`` (a local file, a ``save_to_disk``
-folder or a Hub id). Local files are checked first (:func:`check_data_file`): a path that
+`load_dataset_from_name` reads `--dataset_name` (a local file, a `save_to_disk`
+folder or a Hub id). Local files are checked first (`check_data_file`): a path that
 does not exist fails at once instead of being tried as a Hub id, and empty files, bytes that
 are not UTF-8 and broken JSON Lines are reported with the file and line.
 
-:func:`check_sft_columns` and :func:`check_supervised_tokens` are the checks
-``ABKDTrainer`` runs at construction, before and after SFTTrainer prepares the datasets: a
+`check_sft_columns` and `check_supervised_tokens` are the checks
+`ABKDTrainer` runs at construction, before and after SFTTrainer prepares the datasets: a
 dataset in none of SFTTrainer's formats, an empty one, or one where no token is supervised
-fails there with the formats accepted, not with a ``KeyError`` or ``num_samples=0`` later.
+fails there with the formats accepted, not with a `KeyError` or `num_samples=0` later.
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def load_dataset_from_name(
     test_file: str | None = None,
     test_split: str = "test",
 ) -> DatasetDict:
-    """Load ``--dataset_name``: a local data file, a ``save_to_disk`` directory, or a Hub id.
+    """Load `--dataset_name`: a local data file, a `save_to_disk` directory, or a Hub id.
 
-    A single local file becomes the ``train`` split (``test_file``, when given, the
-    ``test_split`` split); a saved ``Dataset`` becomes ``train``; a saved ``DatasetDict`` keeps
+    A single local file becomes the `train` split (`test_file`, when given, the
+    `test_split` split); a saved `Dataset` becomes `train`; a saved `DatasetDict` keeps
     its splits.
 
     Raises:
-        FileNotFoundError: ``name`` (or ``test_file``) looks like a local path that does not
+        FileNotFoundError: `name` (or `test_file`) looks like a local path that does not
             exist; no Hub lookup is attempted.
         DatasetFileError: a local file is empty, not UTF-8, not valid JSON (Lines), or has no
             rows.
@@ -132,7 +132,7 @@ def _load_data_file(
 
 
 def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` can only be a local path (a Hub id is ``name`` or ``namespace/name``)."""
+    """Whether `name` can only be a local path (a Hub id is `name` or `namespace/name`)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if Path(name).suffix.lower() in DATA_FILE_BUILDERS or name.startswith(("~", ".", os.sep)):
@@ -165,7 +165,7 @@ def _require_local_path(name: str, flag: str) -> Path:
 
 
 def check_data_file(path: str | Path) -> None:
-    """Fail early, naming ``path``, if a local data file is empty or (text formats) not UTF-8.
+    """Fail early, naming `path`, if a local data file is empty or (text formats) not UTF-8.
 
     Reads the file once, in 1 MiB chunks.
 
@@ -186,7 +186,7 @@ def check_data_file(path: str | Path) -> None:
 
 
 def _utf8_chunks(path: Path) -> Iterator[bytes]:
-    """Yield the bytes of ``path`` in chunks that end on character boundaries, checking UTF-8.
+    """Yield the bytes of `path` in chunks that end on character boundaries, checking UTF-8.
 
     Raises:
         DatasetFileError: at the first byte that is not UTF-8.
@@ -223,8 +223,8 @@ def _utf8_chunks(path: Path) -> Iterator[bytes]:
 def find_json_problem(path: str | Path) -> str | None:
     """Describe the first problem of a JSON or JSON Lines file (syntax, no rows), or None.
 
-    JSON Lines (``.jsonl``, or a ``.json`` file not starting with ``[``) must hold one JSON
-    object per non-blank line; a ``.json`` array must parse as a whole.
+    JSON Lines (`.jsonl`, or a `.json` file not starting with `[`) must hold one JSON
+    object per non-blank line; a `.json` array must parse as a whole.
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -271,11 +271,11 @@ def check_sft_columns(
     dataset_text_field: str = "text",
     formatting_func: Callable[..., Any] | None = None,
 ) -> None:
-    """Raise unless ``dataset`` has rows and the columns of one of SFTTrainer's formats.
+    """Raise unless `dataset` has rows and the columns of one of SFTTrainer's formats.
 
     Args:
         dataset: the raw dataset (before SFTTrainer's preparation); None is accepted.
-        name: what the dataset is called in the message (``train_dataset``, ``the test split``).
+        name: what the dataset is called in the message (`train_dataset`, `the test split`).
         source: where it came from (a file or Hub id), named in the message.
         dataset_text_field: SFTConfig's name of the text column.
         formatting_func: when given, it builds the text and no column is required.
@@ -314,7 +314,7 @@ def check_sft_columns(
 def check_sft_datasets(
     train_dataset: Any, eval_dataset: Any, args: Any, formatting_func: Any = None
 ) -> None:
-    """:func:`check_sft_columns` for the train and every eval dataset a trainer receives."""
+    """`check_sft_columns` for the train and every eval dataset a trainer receives."""
     if (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False):
         return  # the user prepares the data; SFTTrainer expects tokenized rows as they are
     for name, dataset in _named_datasets(train_dataset, eval_dataset):
@@ -329,10 +329,10 @@ def check_sft_datasets(
 def check_supervised_tokens(train_dataset: Any, eval_dataset: Any = None, args: Any = None) -> None:
     """Raise if a prepared dataset has no supervised next-token position (nothing to distil).
 
-    Reads the ``labels`` SFTTrainer's preparation builds (``-100`` where a token is not
+    Reads the `labels` SFTTrainer's preparation builds (`-100` where a token is not
     supervised); the position a label supervises is predicted from the one before it, so the
     first label of a row never counts. Stops at the first batch with a supervised token.
-    Datasets without ``labels`` (prepared by the user) and iterable datasets are not checked.
+    Datasets without `labels` (prepared by the user) and iterable datasets are not checked.
 
     Raises:
         ValueError: naming the dataset and the usual causes.

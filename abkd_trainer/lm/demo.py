@@ -1,7 +1,7 @@
-"""The offline demo: the teacher, tokenizer and dataset shipped in ``demo_assets/``.
+"""The offline demo: the teacher, tokenizer and dataset shipped in `demo_assets/`.
 
-``abkd-train`` with no model or dataset arguments distils the shipped teacher (a 0.9M-parameter
-Llama trained on a synthetic instruction task by ``scripts/build_demo_assets.py``) into a
+`abkd-train` with no model or dataset arguments distils the shipped teacher (a 0.9M-parameter
+Llama trained on a synthetic instruction task by `scripts/build_demo_assets.py`) into a
 freshly initialised 8x smaller student on CPU, then compares teacher, student before and
 student after by ROUGE-L on held-out prompts. Nothing is downloaded.
 """
@@ -86,7 +86,7 @@ def require_demo_assets() -> None:
 
 
 def load_demo_dataset() -> DatasetDict:
-    """The demo's ``prompt``/``completion`` dataset with ``train`` and ``test`` splits."""
+    """The demo's `prompt`/`completion` dataset with `train` and `test` splits."""
     from datasets import load_dataset
 
     require_demo_assets()
@@ -95,7 +95,7 @@ def load_demo_dataset() -> DatasetDict:
 
 
 def limit_cpu_threads_for_demo() -> None:
-    """Use one intra-op CPU thread unless the user chose a number (``OMP_NUM_THREADS``).
+    """Use one intra-op CPU thread unless the user chose a number (`OMP_NUM_THREADS`).
 
     The demo's matrices are 64-128 wide: splitting them over threads costs more in
     synchronisation than it saves, and on shared cores it is several times slower (measured

@@ -3,7 +3,7 @@
 Loading and placing the frozen teacher, the checks that the two models can be compared token by
 token (one vocabulary, finite outputs, logits the fused loss can rebuild), and the way the fused
 loss reaches a causal LM's decoder and LM head without building its logits. Used by
-:class:`~abkd_trainer.ABKDTrainer` and by the teacher-cache writer, so that both load and check
+`ABKDTrainer` and by the teacher-cache writer, so that both load and check
 a teacher the same way.
 """
 
@@ -33,21 +33,21 @@ logger = get_logger(__name__)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside ``model`` (a PEFT model's base, with its adapters)."""
+    """The transformers causal LM inside `model` (a PEFT model's base, with its adapters)."""
     return model.get_base_model() if is_peft_model(model) else model
 
 
 def final_hidden_states(causal_lm: nn.Module, model_inputs: dict[str, Any]) -> torch.Tensor:
-    """``(batch, seq, H)`` hidden states the LM head would project (after the final norm).
+    """`(batch, seq, H)` hidden states the LM head would project (after the final norm).
 
-    ``base_model`` is the decoder of a causal LM (``model``, ``transformer``, ...): what the
+    `base_model` is the decoder of a causal LM (`model`, `transformer`, ...): what the
     model's own forward runs before its LM head.
     """
     return causal_lm.base_model(**model_inputs).last_hidden_state
 
 
 def load_teacher(name_or_path: str, args: ABKDConfig) -> PreTrainedModel:
-    """Load the teacher with ``args.teacher_model_init_kwargs`` (dtype, attention, ...)."""
+    """Load the teacher with `args.teacher_model_init_kwargs` (dtype, attention, ...)."""
     init_kwargs = dict(args.teacher_model_init_kwargs or {})
     # The teacher goes whole onto the student's device; "auto" would spread it over every GPU.
     init_kwargs.setdefault("device_map", None)
@@ -81,10 +81,10 @@ def check_shared_vocabulary(
     teacher_source: str | None,
     trust_remote_code: bool = False,
 ) -> None:
-    """Raise early if teacher and student cannot share ``tokenizer``.
+    """Raise early if teacher and student cannot share `tokenizer`.
 
-    Both models need at least ``len(tokenizer)`` logits (more is embedding padding), and a
-    teacher saved with a tokenizer must have this one's vocabulary, id by id. ``teacher_source``
+    Both models need at least `len(tokenizer)` logits (more is embedding padding), and a
+    teacher saved with a tokenizer must have this one's vocabulary, id by id. `teacher_source`
     is the name or path the teacher was loaded from (None for an instance). Without a teacher
     (training from a cache, whose tokenizer was checked when it was attached) only the student is
     checked.
@@ -126,7 +126,7 @@ def check_shared_vocabulary(
 def _saved_tokenizer(
     model: nn.Module, source: str | None, trust_remote_code: bool
 ) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved with ``model``, when there is one to compare against."""
+    """The tokenizer saved with `model`, when there is one to compare against."""
     location = source or get_config_model_id(model.config)
     # An instantiated teacher is only checked against a local tokenizer: looking a bare model id
     # up on the Hub at construction would surprise users who built the teacher offline.
@@ -146,9 +146,9 @@ def fused_logit_transforms(models: dict[str, nn.Module]) -> dict[str, LogitTrans
     """Each causal LM's logit scale and soft-cap, after checking that the fused loss can run it.
 
     Args:
-        models: role (``"student"``, ``"teacher"``) -> the model as given (PEFT or not).
+        models: role (`"student"`, `"teacher"`) -> the model as given (PEFT or not).
 
-    Raises early if ``use_fused_loss`` cannot reproduce a model's logits from its head.
+    Raises early if `use_fused_loss` cannot reproduce a model's logits from its head.
     """
     student = models.get("student")
     # (An adapter on `lm_head` is refused by SFTTrainer itself, whose log-probabilities are fused
@@ -181,9 +181,9 @@ def check_startup_outputs(
     fused_transforms: dict[str, LogitTransform] | None,
 ) -> None:
     """Run each model on a few tokens: refuse non-finite logits and, with the fused loss
-    (``fused_transforms`` given), logits that it would not rebuild.
+    (`fused_transforms` given), logits that it would not rebuild.
 
-    Runs in eval mode under the autocast training uses (accelerate's, for ``bf16`` / ``fp16``),
+    Runs in eval mode under the autocast training uses (accelerate's, for `bf16` / `fp16`),
     so that both sides of the comparison are computed in the same precision.
     """
     for who, model in models.items():
@@ -202,14 +202,14 @@ def check_startup_outputs(
 
 @torch.no_grad()
 def verify_fused_logits(who: str, causal_lm: nn.Module, transform: LogitTransform) -> None:
-    """Raise unless ``transform(lm_head(decoder(x)))`` reproduces ``causal_lm(x).logits``.
+    """Raise unless `transform(lm_head(decoder(x)))` reproduces `causal_lm(x).logits`.
 
     The fused loss rebuilds the logits from the decoder's output and the head's weights; a model
     whose forward does something else to them (an unknown scaling, a second head) would silently
     train on another objective. One short forward of each kind settles it. Call it in eval mode
     and under the autocast of training: both sides then round the same way (under bf16 autocast
     the LM head's GEMM runs in bf16 on both), so the comparison is like with like.
-    Non-finite logits are refused first (``nan > tolerance`` would be False).
+    Non-finite logits are refused first (`nan > tolerance` would be False).
     """
     input_ids = probe_input_ids(causal_lm)
     logits = causal_lm(input_ids=input_ids, use_cache=False).logits

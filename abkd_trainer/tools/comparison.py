@@ -1,19 +1,19 @@
 """Compare distillation divergences on one task under one budget (the ABKD paper's protocol).
 
-For each training seed: optionally fine-tune the student on the task first (``kd_ratio=0``, the
+For each training seed: optionally fine-tune the student on the task first (`kd_ratio=0`, the
 paper's students start fine-tuned), then distil it with each method (a divergence with its
 parameters and schedule) under the same steps, learning rate and data order, and score the
 result on held-out prompts: ROUGE-L of sampled responses (T = 1, top-p 1, mean over sampling
-seeds, :func:`abkd_trainer.lm.evaluation.rouge_l_evaluate`) and the divergence to the teacher on the
-references (:func:`abkd_trainer.lm.evaluation.teacher_divergence`). The task is anything
-``abkd-train`` accepts, given as its command-line flags (none: the offline demo)::
+seeds, `abkd_trainer.lm.evaluation.rouge_l_evaluate`) and the divergence to the teacher on the
+references (`abkd_trainer.lm.evaluation.teacher_divergence`). The task is anything
+`abkd-train` accepts, given as its command-line flags (none: the offline demo):
 
     from abkd_trainer.tools.comparison import DEFAULT_METHODS, compare_divergences
 
     comparison = compare_divergences(["--max_steps", "300"], DEFAULT_METHODS, training_seeds=[0, 1])
     comparison.write("compare-out")  # comparison.md, comparison.json, comparison.png
 
-``benchmarks/compare_divergences.py`` is the command-line front end.
+`benchmarks/compare_divergences.py` is the command-line front end.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TEACHER_DIVERGENCES = ("fkl", "rkl")
 
 @dataclass(frozen=True)
 class Method:
-    """A distillation setting: a label and the ``abkd-train`` flags that select it."""
+    """A distillation setting: a label and the `abkd-train` flags that select it."""
 
     label: str
     flags: tuple[str, ...]
@@ -64,7 +64,7 @@ DEFAULT_METHODS: tuple[Method, ...] = tuple(METHODS.values())
 
 @dataclass
 class Comparison:
-    """Per-run scores and what produced them; :meth:`summary` aggregates over training seeds."""
+    """Per-run scores and what produced them; `summary` aggregates over training seeds."""
 
     runs: list[dict[str, Any]] = field(default_factory=list)
     reference_rows: list[dict[str, Any]] = field(default_factory=list)  # teacher, SFT'd student
@@ -72,7 +72,7 @@ class Comparison:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Comparison:
-        """Read a ``comparison.json`` written by :meth:`write` (a file or its directory)."""
+        """Read a `comparison.json` written by `write` (a file or its directory)."""
         path = Path(path)
         data = json.loads((path / "comparison.json" if path.is_dir() else path).read_text())
         return cls(data["runs"], data["reference_rows"], data["settings"])
@@ -145,7 +145,7 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def write(self, output_dir: str | os.PathLike) -> list[Path]:
-        """Write ``comparison.json``, ``.md`` and ``.png`` into ``output_dir``."""
+        """Write `comparison.json`, `.md` and `.png` into `output_dir`."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         json_path = output_dir / "comparison.json"
@@ -266,7 +266,7 @@ def _score(
 
 
 def _train(argv: Sequence[str], init_dir: Path | None) -> tuple[Any, Any, Any]:
-    """Parse ``abkd-train`` flags, build the run's student (from ``init_dir`` when given), train.
+    """Parse `abkd-train` flags, build the run's student (from `init_dir` when given), train.
 
     Returns:
         (trainer, script_args, inputs).
@@ -310,15 +310,15 @@ def compare_divergences(
     """Distil with every method for every training seed under the same budget; score each run.
 
     Args:
-        task_args: ``abkd-train`` flags naming the task and the budget shared by all methods
-            (models, dataset, ``--max_steps``, ``--learning_rate``, ...); empty: the offline demo
-            with its defaults. The test split is scored (its first ``--rouge_l_num_prompts``
-            prompts, responses up to ``--rouge_l_max_new_tokens``).
-        methods: the settings to compare; their flags override ``task_args``.
-        training_seeds: ``--seed`` of each repetition (data order, initialisation; the demo's
+        task_args: `abkd-train` flags naming the task and the budget shared by all methods
+            (models, dataset, `--max_steps`, `--learning_rate`, ...); empty: the offline demo
+            with its defaults. The test split is scored (its first `--rouge_l_num_prompts`
+            prompts, responses up to `--rouge_l_max_new_tokens`).
+        methods: the settings to compare; their flags override `task_args`.
+        training_seeds: `--seed` of each repetition (data order, initialisation; the demo's
             student is initialised from it).
         sft_steps: when > 0, each seed's student is first fine-tuned on the task for this many
-            steps with the cross-entropy only (``--kd_ratio 0``, same other flags), and every
+            steps with the cross-entropy only (`--kd_ratio 0`, same other flags), and every
             method starts from that student; it is scored as "student after SFT".
         sampling_seeds: ROUGE-L sampling seeds (the paper uses 5).
         work_dir: where the runs' output directories and the fine-tuned students go; a student
@@ -327,7 +327,7 @@ def compare_divergences(
             progress and write partial results).
 
     Returns:
-        The :class:`Comparison`; call :meth:`Comparison.write` to save the table and the chart.
+        The `Comparison`; call `Comparison.write` to save the table and the chart.
     """
     import torch
 
@@ -392,7 +392,7 @@ def compare_divergences(
 
 
 def _fine_tune_once(argv: list[str], output_dir: Path) -> None:
-    """Fine-tune and save the student, unless ``output_dir`` holds one from the same flags.
+    """Fine-tune and save the student, unless `output_dir` holds one from the same flags.
 
     Reusing it lets the methods of one seed run in several calls (e.g. to spread a sweep).
     """
@@ -412,7 +412,7 @@ def _scorer(
     script_args: Any,
     sampling_seeds: Sequence[int],
 ) -> Callable[..., dict[str, Any]]:
-    """``score(model, with_divergence=True)`` bound to this task's prompts and settings."""
+    """`score(model, with_divergence=True)` bound to this task's prompts and settings."""
 
     def score(model: Any, with_divergence: bool = True) -> dict[str, Any]:
         return _score(

@@ -1,7 +1,7 @@
-"""The run report: ``report.json``, ``report.md`` and ``loss_curve.png`` in the output directory.
+"""The run report: `report.json`, `report.md` and `loss_curve.png` in the output directory.
 
-``report.json`` compares the teacher, the student before training and the student after
-training on held-out prompts::
+`report.json` compares the teacher, the student before training and the student after
+training on held-out prompts:
 
     {"teacher": {"rouge_l": 71.2, ...},
      "student_before": {"rouge_l": 1.3, "divergence_to_teacher": {"ab": 2.9, "fkl": 4.1}, ...},
@@ -57,13 +57,13 @@ def make_report(
     """Assemble the report dictionary (see the module docstring for its layout).
 
     Args:
-        rouge_results: ``"teacher"``, ``"student_before"``, ``"student_after"`` -> result of
-            :func:`abkd_trainer.lm.evaluation.rouge_l_evaluate` (missing rows are left out).
-        divergences: ``"student_before"`` / ``"student_after"`` -> {name: nats per token}.
+        rouge_results: `"teacher"`, `"student_before"`, `"student_after"` -> result of
+            `abkd_trainer.lm.evaluation.rouge_l_evaluate` (missing rows are left out).
+        divergences: `"student_before"` / `"student_after"` -> {name: nats per token}.
         training_args: the run's ABKDConfig (its objective settings are copied).
-        log_history: ``trainer.state.log_history``, for the final training loss and step count.
+        log_history: `trainer.state.log_history`, for the final training loss and step count.
         wall_time_s: training + evaluation wall time in seconds.
-        environment: see :func:`environment_info`; by default that of ``training_args``'
+        environment: see `environment_info`; by default that of `training_args`'
             device and process count, in this process.
     """
     report: dict[str, Any] = {}
@@ -118,14 +118,14 @@ def environment_info(device: Any = None, *, num_processes: int = 1) -> dict[str,
     """The software and hardware behind a result, so that a number can be traced and rerun.
 
     Args:
-        device: the training device (``torch.device`` or its name); None means CPU.
+        device: the training device (`torch.device` or its name); None means CPU.
         num_processes: processes (ranks) of the run.
 
     Returns:
-        ``abkd_trainer``, ``torch``, ``transformers``, ``trl``, ``datasets`` and ``python``
-        versions, ``torch_num_threads`` (intra-op threads of this process, which change the
-        floating-point summation order on CPU), ``device`` (with the GPU or CPU model),
-        ``num_processes``, ``cpu_count`` and ``platform``.
+        `abkd_trainer`, `torch`, `transformers`, `trl`, `datasets` and `python`
+        versions, `torch_num_threads` (intra-op threads of this process, which change the
+        floating-point summation order on CPU), `device` (with the GPU or CPU model),
+        `num_processes`, `cpu_count` and `platform`.
     """
     import datasets
     import torch
@@ -157,7 +157,7 @@ def environment_info(device: Any = None, *, num_processes: int = 1) -> dict[str,
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    """The CPU's model name (Linux `/proc/cpuinfo`), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
@@ -219,7 +219,7 @@ def format_comparison_table(report: Mapping[str, Any]) -> str:
 
 
 def format_markdown(report: Mapping[str, Any], *, loss_curve: str | None = LOSS_CURVE_PNG) -> str:
-    """``report.md``: the comparison table, the settings, the loss curve and sampled responses."""
+    """`report.md`: the comparison table, the settings, the loss curve and sampled responses."""
     header, rows = comparison_rows(report)
     lines = ["# ABKD distillation report", ""]
     evaluation = report.get("evaluation", {})
@@ -277,10 +277,10 @@ def plot_loss_curve(
     """Save training loss (and eval loss / ROUGE-L) against the step as a PNG.
 
     Args:
-        log_history: ``trainer.state.log_history``; ``loss``, ``eval_loss`` and
-            ``eval_rouge_l`` entries are plotted.
-        rouge_history: extra ``{"step": ..., "rouge_l": ...}`` points (e.g.
-            ``RougeLCallback.history``, which includes the score after the last step).
+        log_history: `trainer.state.log_history`; `loss`, `eval_loss` and
+            `eval_rouge_l` entries are plotted.
+        rouge_history: extra `{"step": ..., "rouge_l": ...}` points (e.g.
+            `RougeLCallback.history`, which includes the score after the last step).
 
     Returns:
         False (and writes nothing) when the history has no loss to plot.
@@ -344,9 +344,9 @@ def write_report(
     output_dir: str | Path,
     rouge_history: Sequence[Mapping[str, float]] = (),
 ) -> list[Path]:
-    """Write ``report.json``, ``report.md`` and (if there is a loss) ``loss_curve.png``.
+    """Write `report.json`, `report.md` and (if there is a loss) `loss_curve.png`.
 
-    ``log_history`` and ``rouge_history`` are passed to :func:`plot_loss_curve`.
+    `log_history` and `rouge_history` are passed to `plot_loss_curve`.
 
     Returns:
         The paths written.
