@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
+from abkd_trainer.core.divergence_arguments import DivergenceArguments
+from abkd_trainer.core.validation import (
+    require_finite,
+    require_positive_int,
+    require_unit_interval,
+)
+
 ON_POLICY_SCHEDULES = ("constant", "adaptive")
 
 
 @dataclass
-class ABKDConfig(SFTConfig):
+class ABKDConfig(DivergenceArguments, SFTConfig):
     r"""Configuration for [`ABKDTrainer`]: SFT arguments plus the distillation objective.
 
     The loss on the supervised tokens (``labels != -100``, next-token shifted) is
@@ -113,91 +119,6 @@ class ABKDConfig(SFTConfig):
         "generation_kwargs",
     ]
 
-    alpha: float = field(
-        default=0.2,
-        metadata={
-            "help": "Alpha of the alpha-beta divergence (hardness-concentration). (alpha, beta) "
-            "= (1, 0) is forward KL, (0, 1) reverse KL; the paper's GPT-2 recipe is "
-            "(0.2, 0.7)."
-        },
-    )
-    beta: float = field(
-        default=0.7,
-        metadata={"help": "Beta of the alpha-beta divergence (confidence-concentration)."},
-    )
-    alpha_end: float | None = field(
-        default=None,
-        metadata={
-            "help": "If set, alpha moves linearly from `alpha` to this value over the training "
-            "steps. Only for `divergence='ab'`."
-        },
-    )
-    beta_end: float | None = field(
-        default=None,
-        metadata={
-            "help": "If set, beta moves linearly from `beta` to this value over the training "
-            "steps. Only for `divergence='ab'`."
-        },
-    )
-    ab_warmup_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Warm-up of the alpha-beta divergence: the fraction of the training steps over "
-            "which (alpha, beta) moves in a straight line from (`ab_warmup_start_alpha`, "
-            "`ab_warmup_start_beta`), forward KL by default, to (`alpha`, `beta`), then holds. It "
-            "keeps mode-seeking settings such as (0.2, 0.7) from collapsing a student that does "
-            "not yet overlap the teacher. None (default): 1.0, the whole run, or 0 when "
-            "`alpha_end` / `beta_end` are set (they then define the path). 0 disables it. Only "
-            "for `divergence='ab'`."
-        },
-    )
-    ab_warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Number of warm-up steps of the alpha-beta divergence; overrides "
-            "`ab_warmup_ratio` when > 0."
-        },
-    )
-    ab_warmup_start_alpha: float = field(
-        default=1.0,
-        metadata={"help": "Alpha at step 0 of the warm-up (1 with beta 0 is forward KL)."},
-    )
-    ab_warmup_start_beta: float = field(
-        default=0.0,
-        metadata={"help": "Beta at step 0 of the warm-up."},
-    )
-    ab_warmup_shape: str = field(
-        default="linear",
-        metadata={
-            "help": "Speed along the warm-up path: 'linear' (constant) or 'cosine' (half-cosine "
-            "ease, slow at both ends)."
-        },
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={
-            "help": "Softmax temperature applied to both teacher and student logits inside the "
-            "divergence. The loss is not multiplied by temperature**2."
-        },
-    )
-    divergence: str = field(
-        default="ab",
-        metadata={
-            "help": "Distillation divergence: 'ab' (alpha-beta, ABKD), 'fkl', 'rkl', 'jsd', "
-            "'sfkl', 'srkl' or 'tvd'."
-        },
-    )
-    jsd_beta: float = field(
-        default=0.5,
-        metadata={
-            "help": "Beta of `divergence='jsd'`, in [0, 1]: 0 is forward KL, 1 is reverse KL "
-            "(TRL convention)."
-        },
-    )
-    skew_lambda: float = field(
-        default=0.1,
-        metadata={"help": "Skew coefficient of `divergence='sfkl'` and `'srkl'`, in [0, 1]."},
-    )
     kd_ratio: float = field(
         default=1.0,
         metadata={
@@ -365,7 +286,7 @@ class ABKDConfig(SFTConfig):
         return self.lmbda > 0 or self.seq_kd or self.on_policy_schedule == "adaptive"
 
     def _validate_on_policy_fields(self) -> None:
-        lmbda = _require_finite("lmbda", self.lmbda)
+        lmbda = require_finite("lmbda", self.lmbda)
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"`lmbda` must be in [0, 1], got {self.lmbda}.")
         if self.on_policy_schedule not in ON_POLICY_SCHEDULES:
@@ -373,19 +294,19 @@ class ABKDConfig(SFTConfig):
                 f"`on_policy_schedule` must be one of {', '.join(ON_POLICY_SCHEDULES)}, got "
                 f"{self.on_policy_schedule!r}."
             )
-        step = _require_finite("adaptive_step", self.adaptive_step)
+        step = require_finite("adaptive_step", self.adaptive_step)
         if not 0.0 < step <= 1.0:
             raise ValueError(f"`adaptive_step` must be in (0, 1], got {self.adaptive_step}.")
-        if _require_finite("adaptive_loss_eps", self.adaptive_loss_eps) < 0:
+        if require_finite("adaptive_loss_eps", self.adaptive_loss_eps) < 0:
             raise ValueError(f"`adaptive_loss_eps` must be >= 0, got {self.adaptive_loss_eps}.")
         for name in ("replay_buffer_size", "max_new_tokens"):
-            _require_positive_int(name, getattr(self, name))
-        if _require_finite("generation_temperature", self.generation_temperature) <= 0:
+            require_positive_int(name, getattr(self, name))
+        if require_finite("generation_temperature", self.generation_temperature) <= 0:
             raise ValueError(
                 f"`generation_temperature` must be > 0, got {self.generation_temperature}. "
                 "(Greedy decoding: pass generation_kwargs='{\"do_sample\": false}'.)"
             )
-        top_p = _require_finite("generation_top_p", self.generation_top_p)
+        top_p = require_finite("generation_top_p", self.generation_top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"`generation_top_p` must be in (0, 1], got {self.generation_top_p}.")
         if (
@@ -419,31 +340,8 @@ class ABKDConfig(SFTConfig):
             )
 
     def _validate_distillation_fields(self) -> None:
-        from abkd_trainer.divergences import DIVERGENCE_NAMES
-
-        for name in ("alpha", "beta"):
-            _require_finite(name, getattr(self, name))
-        for name in ("alpha_end", "beta_end"):
-            if getattr(self, name) is not None:
-                _require_finite(name, getattr(self, name))
-        self._validate_ab_warmup()
-        temperature = _require_finite("temperature", self.temperature)
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
-        for name in ("kd_ratio", "jsd_beta", "skew_lambda"):
-            value = _require_finite(name, getattr(self, name))
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
-        if self.divergence not in DIVERGENCE_NAMES:
-            raise ValueError(
-                f"`divergence` must be one of {', '.join(DIVERGENCE_NAMES)}, "
-                f"got {self.divergence!r}."
-            )
-        if self.divergence != "ab" and (self.alpha_end is not None or self.beta_end is not None):
-            raise ValueError(
-                f"`alpha_end` / `beta_end` schedule the alpha-beta divergence, but `divergence` is "
-                f"{self.divergence!r}. Set `divergence='ab'` or leave them unset."
-            )
+        self.validate_divergence_arguments()
+        require_unit_interval("kd_ratio", self.kd_ratio)
         if self.teacher_cache is not None and self.teacher_model_name_or_path is not None:
             raise ValueError(
                 "Set either `teacher_cache` (train from a cache written by abkd-cache-teacher) or "
@@ -473,41 +371,3 @@ class ABKDConfig(SFTConfig):
                 "`loss_chunk_size` must be a positive integer or None, "
                 f"got {self.loss_chunk_size!r}."
             )
-
-    def _validate_ab_warmup(self) -> None:
-        from abkd_trainer.core.schedules import WARMUP_SHAPES
-
-        ratio = self.ab_warmup_ratio
-        if ratio is not None and not 0.0 <= _require_finite("ab_warmup_ratio", ratio) <= 1.0:
-            raise ValueError(
-                f"`ab_warmup_ratio` must be in [0, 1] (a fraction of the training steps), got "
-                f"{ratio}. Use `ab_warmup_steps` for a number of steps, 0 to disable the warm-up."
-            )
-        steps = self.ab_warmup_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(
-                f"`ab_warmup_steps` must be a non-negative integer (0: use `ab_warmup_ratio`), "
-                f"got {steps!r}."
-            )
-        for name in ("ab_warmup_start_alpha", "ab_warmup_start_beta"):
-            _require_finite(name, getattr(self, name))
-        if self.ab_warmup_shape not in WARMUP_SHAPES:
-            raise ValueError(
-                f"`ab_warmup_shape` must be one of {', '.join(map(repr, WARMUP_SHAPES))}, got "
-                f"{self.ab_warmup_shape!r}."
-            )
-
-
-def _require_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
-
-
-def _require_finite(name: str, value: Any) -> float:
-    """``value`` as a float; a ValueError naming the field if it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    return float(value)

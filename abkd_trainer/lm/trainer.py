@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from collections.abc import Callable
@@ -10,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
@@ -40,16 +40,14 @@ from abkd_trainer.core.model_card import (
     hub_id_or_name,
 )
 from abkd_trainer.core.numerics import check_finite_step
+from abkd_trainer.core.objective import DistillationObjective
 from abkd_trainer.core.schedules import effective_warmup_ratio, scheduled_alpha_beta
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.coarsened import (
     CachedTeacher,
-    coarsened_divergence,
-    coarsened_token_statistics,
     fused_linear_coarsened_divergence,
 )
 from abkd_trainer.divergences.fused_linear import fused_linear_divergence
-from abkd_trainer.divergences.statistics import token_statistics
 from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
 from abkd_trainer.lm.compatibility import check_position_limits
 from abkd_trainer.lm.config import ABKDConfig
@@ -63,8 +61,20 @@ from abkd_trainer.lm.models import (
     load_teacher,
     prepare_teacher,
 )
-from abkd_trainer.lm.on_policy import on_policy_batches_for_trainer, on_policy_settings
-from abkd_trainer.lm.teacher_cache import attach_teacher_cache, pop_cached_teacher
+from abkd_trainer.lm.on_policy import (
+    OnPolicyBatches,
+    OnPolicySchedule,
+    build_on_policy_batches,
+    build_on_policy_schedule,
+    on_policy_settings,
+)
+from abkd_trainer.lm.teacher_cache import (
+    ROW_COLUMN,
+    TeacherCache,
+    pop_cached_teacher,
+    preprocessing_settings,
+    train_from_cache,
+)
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -120,10 +130,11 @@ class ABKDTrainer(SFTTrainer):
             None: the loss is the distillation objective configured in [`ABKDConfig`].
 
     The prepared teacher is ``self.teacher_model``: frozen, in eval mode, on the student's device,
-    never in the optimizer or a checkpoint. Logged per train/eval period, as token-weighted averages
-    over accumulation steps and processes: ``kd_loss``, ``ce_loss``, ``teacher_agreement`` (top-1
-    agreement), ``student_entropy`` and ``teacher_entropy`` (nats, temperature 1), and, for
-    ``divergence="ab"``, the current ``alpha`` and ``beta``. SFTTrainer's ``entropy`` (the same
+    never in the optimizer or a checkpoint; ``self.teacher_name`` names it (its name or path, model
+    id or class; from a cache, the teacher its manifest names). Logged per train/eval period, as
+    token-weighted averages over accumulation steps and processes: ``kd_loss``, ``ce_loss``,
+    ``teacher_agreement`` (top-1 agreement), ``student_entropy`` and ``teacher_entropy`` (nats,
+    temperature 1), and, for ``divergence="ab"``, the current ``alpha`` and ``beta``. SFTTrainer's ``entropy`` (the same
     value as ``student_entropy``), ``mean_token_accuracy`` and ``num_tokens`` are logged too, from
     the same pass (see the README's "Logged metrics").
     """
@@ -178,34 +189,7 @@ class ABKDTrainer(SFTTrainer):
         peft_config: PeftConfig | None = None,
         formatting_func: Callable[[dict], str] | None = None,
     ) -> None:
-        if compute_loss_func is not None:
-            raise ValueError(
-                "ABKDTrainer does not take `compute_loss_func`: its loss is the distillation "
-                "objective set by ABKDConfig (`divergence`, `alpha`, `beta`, `temperature`, "
-                "`kd_ratio`), computed from both models' outputs, which a function of the "
-                "student's outputs alone cannot see. Subclass ABKDTrainer and override "
-                "`compute_loss` to change it."
-            )
-        args = _as_abkd_config(args, model)
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        if args.teacher_cache is not None and teacher_model is not None:
-            raise ValueError(
-                "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
-                "from a teacher cache (its manifest names the teacher that wrote it)."
-            )
-        if teacher_model is None and args.teacher_cache is None:
-            raise ValueError(
-                "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
-                "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
-                "by abkd-cache-teacher with `teacher_cache`."
-            )
-        if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "`teacher_model_init_kwargs` only applies to a teacher given by name, but "
-                "`teacher_model` is already instantiated. Load it with those arguments yourself, "
-                "or pass its name instead."
-            )
+        args, teacher_model = _checked_arguments(args, model, teacher_model, compute_loss_func)
 
         if args.push_to_hub and args.process_index == 0:
             # Before Trainer creates the Hub repository, and long before the upload at the end:
@@ -232,15 +216,55 @@ class ABKDTrainer(SFTTrainer):
         check_supervised_tokens(self.train_dataset, self.eval_dataset, args)
 
         # Offline teacher: every batch carries the cached teacher rows; no teacher is loaded.
-        self.teacher_cache = None
-        if args.teacher_cache is not None:
-            self.teacher_cache = attach_teacher_cache(self, args.teacher_cache)
+        self.teacher_cache = (
+            None if args.teacher_cache is None else self._train_from_cache(args.teacher_cache)
+        )
+        models = self._set_up_teacher(teacher_model)
+        self._set_up_loss(models)
+        # Warns once if the logged entropies show a collapse (a user-configured one is kept).
+        if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(CollapseGuardCallback())
+        # On-policy distillation: sampled completions replace the dataset's (see lm/on_policy/).
+        self.on_policy = self._set_up_on_policy() if args.uses_sampled_completions else None
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _train_from_cache(self, path: str | os.PathLike) -> TeacherCache:
+        """Train from the teacher cache at ``path``: checked against this run, its row ids ride
+        with the prepared datasets and the collator adds each batch's cached teacher rows."""
+        cached = train_from_cache(
+            path,
+            tokenizer=self._tokenizer,
+            preprocessing=preprocessing_settings(
+                self.args, self.padding_free, self.completion_only_loss
+            ),
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            data_collator=self.data_collator,
+        )
+        self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
+        self.data_collator = cached.data_collator
+        # Trainer drops dataset columns the model's forward does not take; keep the row ids.
+        self._set_signature_columns_if_needed()
+        if ROW_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_COLUMN]
+        return cached.cache
+
+    def _set_up_teacher(
+        self, teacher_model: str | PreTrainedModel | nn.Module | None
+    ) -> dict[str, nn.Module]:
+        """Load the teacher (given by name), check it against the student and prepare it.
+
+        Sets ``teacher_name``, ``vocab_size`` and ``teacher_model``. Returns role -> model as
+        given (``"student"``, and ``"teacher"`` unless training from a cache).
+        """
+        args = self.args
         # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
         # teacher is created sharded (zero.Init) like the student.
         teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model, args)
-        self._teacher_name = (
+        self.teacher_name = (
             self.teacher_cache.manifest.teacher
             if teacher_model is None
             else teacher_source
@@ -255,7 +279,7 @@ class ABKDTrainer(SFTTrainer):
             self.model,
             teacher_model,
             self._tokenizer,
-            teacher_name=self._teacher_name,
+            teacher_name=self.teacher_name,
             teacher_source=teacher_source,
             trust_remote_code=args.trust_remote_code,
         )
@@ -276,8 +300,20 @@ class ABKDTrainer(SFTTrainer):
             if teacher_model is None
             else prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
         )
+        return models
 
+    def _set_up_loss(self, models: dict[str, nn.Module]) -> None:
+        """The objective, the fused loss's logit transforms (checked at start-up) and the metric
+        sums; ``models`` maps roles to the models as given."""
+        args = self.args
         self.divergence_fn = get_divergence(args.divergence)
+        self.objective = DistillationObjective.from_config(
+            args,
+            divergence_weight=args.kd_ratio,
+            ce_weight=1.0 - args.kd_ratio,
+            vocab_size=self.vocab_size,
+            chunk_size=args.loss_chunk_size,
+        )
         # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
         self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
         # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
@@ -298,15 +334,31 @@ class ABKDTrainer(SFTTrainer):
         }
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
-        # Warns once if the logged entropies show a collapse (a user-configured one is kept).
-        if not any(isinstance(cb, CollapseGuardCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(CollapseGuardCallback())
-        # On-policy distillation: sampled completions replace the dataset's (see on_policy.py).
-        self.on_policy = (
-            on_policy_batches_for_trainer(self) if args.uses_sampled_completions else None
+
+    def _set_up_on_policy(self) -> OnPolicyBatches:
+        """Register the on-policy schedule and build the source of sampled micro-batches."""
+        self.add_callback(
+            build_on_policy_schedule(self.args, self.train_dataset, self.eval_dataset)
+        )
+        return build_on_policy_batches(
+            self.args,
+            schedule=self._on_policy_schedule,
+            tokenizer=self._tokenizer,
+            data_collator=self.data_collator,
+            student=self.model,
+            teacher=self.teacher_model,
+            # Looked up at each sampling call: Trainer wraps the student when training starts.
+            current_student=lambda: self.model_wrapped,
+            accelerator=self.accelerator,
         )
 
-    # ------------------------------------------------------------------ set-up helpers
+    def _on_policy_schedule(self) -> OnPolicySchedule:
+        """The live schedule callback (Trainer may replace callbacks when it restores them)."""
+        return next(
+            callback
+            for callback in self.callback_handler.callbacks
+            if isinstance(callback, OnPolicySchedule)
+        )
 
     # ------------------------------------------------------------------ loss
 
@@ -454,70 +506,13 @@ class ABKDTrainer(SFTTrainer):
             ``(loss, sums)``: the scalar loss, and detached sums over this micro-batch's
             supervised tokens keyed by ``_METRIC_SUMS`` names.
         """
-        # Real vocabulary only: padded rows never appear as targets and must not move the loss.
-        # (A no-op view when the widths already match, so the logits stay contiguous and the
-        # divergence kernel reads them without a copy.)
-        student_logits = student_logits[..., : self.vocab_size]
-        supervised = targets != IGNORE_INDEX
-        if isinstance(teacher_logits, CachedTeacher):
-            kd_sum = coarsened_divergence(
-                student_logits,
-                teacher_logits,
-                self.args.divergence,
-                divergence_params=divergence_params,
-                temperature=self.args.temperature,
-                mask=supervised,
-                reduction="sum",
-                chunk_size=self.args.loss_chunk_size,
-            )
-        else:
-            teacher_logits = teacher_logits[..., : self.vocab_size]
-            kd_sum = self.divergence_fn(
-                student_logits,
-                teacher_logits,
-                **divergence_params,
-                temperature=self.args.temperature,
-                mask=supervised,
-                reduction="sum",
-                chunk_size=self.args.loss_chunk_size,
-            )
-        # Logged even when kd_ratio == 1; only part of the graph when it is trained on.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.args.kd_ratio < 1.0):
-            # Supervised rows only (prompt tokens would just be masked out), upcast like
-            # transformers' causal-LM loss: half-precision log-softmax loses digits.
-            supervised_rows = supervised.nonzero(as_tuple=True)
-            ce_sum = F.cross_entropy(
-                student_logits[supervised_rows].float(),
-                targets[supervised_rows],
-                reduction="sum",
-            )
-
-        num_local = supervised.sum()
-        objective = self.args.kd_ratio * kd_sum
-        if self.args.kd_ratio < 1.0:
-            objective = objective + (1.0 - self.args.kd_ratio) * ce_sum
-        loss = self._normalise(objective, num_local, num_items_in_batch)
-
-        # Entropies, agreement and accuracy over the supervised rows, a chunk at a time.
-        statistics = (
-            coarsened_token_statistics(
-                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
-            )
-            if isinstance(teacher_logits, CachedTeacher)
-            else token_statistics(
-                student_logits, teacher_logits, targets, supervised, self.args.loss_chunk_size
-            )
+        # The objective cuts padded head rows off: they never appear as targets and must not
+        # move the loss.
+        output = self.objective.loss_from_logits(
+            student_logits, teacher_logits, targets, divergence_params
         )
-        sums = {
-            "kd_loss": kd_sum,
-            "ce_loss": ce_sum,
-            "teacher_agreement": statistics.teacher_agreement,
-            "student_entropy": statistics.student_entropy,
-            "teacher_entropy": statistics.teacher_entropy,
-            "mean_token_accuracy": statistics.token_accuracy,
-            "num_supervised": num_local,
-        }
-        return loss, sums
+        loss = self._normalise(output.loss_sum, output.sums["num_supervised"], num_items_in_batch)
+        return loss, output.sums
 
     def _fused_distillation_loss(
         self,
@@ -688,7 +683,7 @@ class ABKDTrainer(SFTTrainer):
             return
         card_path = Path(self.args.output_dir) / "README.md"
         settings = {
-            "Teacher": hub_id_or_name(self._teacher_name),
+            "Teacher": hub_id_or_name(self.teacher_name),
             "Divergence": self.args.divergence,
         }
         if self.teacher_cache is not None:
@@ -741,6 +736,49 @@ def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
         "mean_token_accuracy": output.token_accuracy,
         "num_supervised": output.num_tokens,
     }
+
+
+def _checked_arguments(
+    args: ABKDConfig | TrainingArguments | None,
+    model: Any,
+    teacher_model: str | PreTrainedModel | nn.Module | None,
+    compute_loss_func: Callable | None,
+) -> tuple[ABKDConfig, str | PreTrainedModel | nn.Module | None]:
+    """``args`` as an ABKDConfig, and the teacher (by default ``args.teacher_model_name_or_path``).
+
+    Raises:
+        ValueError: a ``compute_loss_func``; both a teacher and a teacher cache, or neither;
+            ``teacher_model_init_kwargs`` with an instantiated teacher.
+    """
+    if compute_loss_func is not None:
+        raise ValueError(
+            "ABKDTrainer does not take `compute_loss_func`: its loss is the distillation "
+            "objective set by ABKDConfig (`divergence`, `alpha`, `beta`, `temperature`, "
+            "`kd_ratio`), computed from both models' outputs, which a function of the "
+            "student's outputs alone cannot see. Subclass ABKDTrainer and override "
+            "`compute_loss` to change it."
+        )
+    args = _as_abkd_config(args, model)
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if args.teacher_cache is not None and teacher_model is not None:
+        raise ValueError(
+            "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
+            "from a teacher cache (its manifest names the teacher that wrote it)."
+        )
+    if teacher_model is None and args.teacher_cache is None:
+        raise ValueError(
+            "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
+            "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
+            "by abkd-cache-teacher with `teacher_cache`."
+        )
+    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "`teacher_model_init_kwargs` only applies to a teacher given by name, but "
+            "`teacher_model` is already instantiated. Load it with those arguments yourself, "
+            "or pass its name instead."
+        )
+    return args, teacher_model
 
 
 def _as_abkd_config(args: ABKDConfig | TrainingArguments | None, model: Any) -> ABKDConfig:
