@@ -74,10 +74,10 @@ def render_config_reference() -> str:
     """The generated README section, markers included."""
     from trl import ScriptArguments, SFTConfig
 
-    from abkd_trainer.cli.train import _script_arguments_class
+    from abkd_trainer.cli.train import script_arguments_class
     from abkd_trainer.lm.config import ABKDConfig
 
-    script_arguments = _script_arguments_class()
+    script_arguments = script_arguments_class()
     lines = [
         BEGIN_MARKER,
         "",

@@ -1,15 +1,15 @@
-"""``abkd-cache-teacher``: run a teacher once over a dataset and store its top-k log-probabilities.
+"""`abkd-cache-teacher`: run a teacher once over a dataset and store its top-k log-probabilities.
 
-Takes ``abkd-train``'s flags (the same :class:`trl.TrlParser` over the script arguments,
-:class:`~abkd_trainer.ABKDConfig`, :class:`trl.ModelConfig` and the dataset mixtures, so a
-training YAML works as it is) plus ``--top_k``, ``--cache_dtype`` and ``--cache_shard_size``.
-The preprocessing flags (``--max_length``, ``--packing``, ``--completion_only_loss``,
-``--assistant_only_loss``, ``--dataset_text_field``, ``--seed``, ...) must be those of the
-training run, which checks them against the cache's manifest. ``--model_name_or_path`` names the
+Takes `abkd-train`'s flags (the same `trl.TrlParser` over the script arguments,
+`ABKDConfig`, `trl.ModelConfig` and the dataset mixtures, so a
+training YAML works as it is) plus `--top_k`, `--cache_dtype` and `--cache_shard_size`.
+The preprocessing flags (`--max_length`, `--packing`, `--completion_only_loss`,
+`--assistant_only_loss`, `--dataset_text_field`, `--seed`, ...) must be those of the
+training run, which checks them against the cache's manifest. `--model_name_or_path` names the
 student whose tokenizer training uses (default: the teacher's). The evaluation split is cached too
-when ``--eval_strategy`` is not ``no``. Runs under ``accelerate launch`` / ``torchrun`` /
-``deepspeed`` with the shards spread over the processes (``--deepspeed`` with a ZeRO-3 config
-shards the teacher), and skips the shards a previous run finished::
+when `--eval_strategy` is not `no`. Runs under `accelerate launch` / `torchrun` /
+`deepspeed` with the shards spread over the processes (`--deepspeed` with a ZeRO-3 config
+shards the teacher), and skips the shards a previous run finished:
 
     abkd-cache-teacher --teacher_model_name_or_path Qwen/Qwen2.5-7B-Instruct \\
         --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name data/train.jsonl \\
@@ -18,8 +18,8 @@ shards the teacher), and skips the shards a previous run finished::
         --dataset_name data/train.jsonl --max_length 1024 --output_dir out
 
 With no teacher and no dataset it caches the demo teacher on the demo data (the settings of
-``abkd-train``'s demo) into ``abkd-demo-teacher-cache``; ``abkd-train --teacher_cache
-abkd-demo-teacher-cache`` then runs the demo from it.
+`abkd-train`'s demo) into `abkd-demo-teacher-cache`; `abkd-train --teacher_cache
+abkd-demo-teacher-cache` then runs the demo from it.
 """
 
 from __future__ import annotations
@@ -63,14 +63,14 @@ class TeacherCacheArguments:
 
 
 def make_parser(prog: str | None = "abkd-cache-teacher") -> TrlParser:
-    """``abkd-train``'s parser with :class:`TeacherCacheArguments` added."""
+    """`abkd-train`'s parser with `TeacherCacheArguments` added."""
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
-    from abkd_trainer.cli.train import _script_arguments_class
+    from abkd_trainer.cli.train import script_arguments_class
     from abkd_trainer.lm.config import ABKDConfig
 
     dataclass_types = (
-        _script_arguments_class(),
+        script_arguments_class(),
         TeacherCacheArguments,
         ABKDConfig,
         ModelConfig,
@@ -85,12 +85,12 @@ def make_parser(prog: str | None = "abkd-cache-teacher") -> TrlParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """``(script, cache, training, model, mixture, is_demo)`` from ``argv``."""
-    from abkd_trainer.cli.train import _init_cpu_distributed, _requested_values
+    """`(script, cache, training, model, mixture, is_demo)` from `argv`."""
+    from abkd_trainer.cli.train import init_cpu_distributed, requested_values
     from abkd_trainer.lm.demo import DEMO_DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    requested = _requested_values(
+    requested = requested_values(
         argv, ("teacher_model_name_or_path", "dataset_name", "datasets", "output_dir")
     )
     demo = not any(key in requested for key in ("teacher_model_name_or_path", "dataset_name"))
@@ -109,8 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     overrides: dict[str, Any] = {}
     if demo and not any(token in ("-h", "--help") for token in argv):
         overrides = {**DEMO_DEFAULTS, "output_dir": DEMO_CACHE_DIR}
-    deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
-    if _init_cpu_distributed(deepspeed is not None):
+    deepspeed = requested_values(argv, ("deepspeed",)).get("deepspeed")
+    if init_cpu_distributed(deepspeed is not None):
         from abkd_trainer.core.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
 
         overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
@@ -126,7 +126,7 @@ def run(
     """Write the cache; return its directory."""
     from transformers import AutoTokenizer
 
-    from abkd_trainer.cli.train import _split, load_datasets
+    from abkd_trainer.cli.train import load_datasets, select_split
     from abkd_trainer.lm.teacher_cache import cache_teacher
 
     if demo:
@@ -143,10 +143,10 @@ def run(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
-    train_dataset = _split(datasets, script_args.dataset_train_split, "training")
+    train_dataset = select_split(datasets, script_args.dataset_train_split, "training")
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = _split(datasets, script_args.dataset_test_split, "evaluation")
+        eval_dataset = select_split(datasets, script_args.dataset_test_split, "evaluation")
     path = cache_teacher(
         teacher,
         training_args,
@@ -161,9 +161,9 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of ``abkd-cache-teacher``.
+    """Console entry point of `abkd-cache-teacher`.
 
-    Also ``python -m abkd_trainer.cli.cache_teacher``.
+    Also `python -m abkd_trainer.cli.cache_teacher`.
     """
     script_args, cache_args, training_args, model_args, mixture_args, demo = parse_args(argv)
     cpu_deepspeed = training_args.accelerator_config.use_configured_state

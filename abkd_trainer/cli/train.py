@@ -1,14 +1,14 @@
-"""``abkd-train``: distil a causal LM with ABKD from the command line or a YAML file.
+"""`abkd-train`: distil a causal LM with ABKD from the command line or a YAML file.
 
-Built like TRL's ``trl sft`` script: a :class:`trl.TrlParser` over script arguments,
-:class:`~abkd_trainer.ABKDConfig`, :class:`trl.ModelConfig` and
-:class:`trl.DatasetMixtureConfig`, so every ``ABKDConfig`` / ``SFTConfig`` /
-``TrainingArguments`` field is a flag, and ``--config file.yaml`` supplies defaults that the
-command line overrides. The same command runs under ``accelerate launch``, ``deepspeed`` and
-``torchrun``.
+Built like TRL's `trl sft` script: a `trl.TrlParser` over script arguments,
+`ABKDConfig`, `trl.ModelConfig` and
+`trl.DatasetMixtureConfig`, so every `ABKDConfig` / `SFTConfig` /
+`TrainingArguments` field is a flag, and `--config file.yaml` supplies defaults that the
+command line overrides. The same command runs under `accelerate launch`, `deepspeed` and
+`torchrun`.
 
-Without ``--model_name_or_path`` and ``--dataset_name`` it runs the offline demo (see
-:mod:`abkd_trainer.lm.demo`)::
+Without `--model_name_or_path` and `--dataset_name` it runs the offline demo (see
+`abkd_trainer.lm.demo`):
 
     abkd-train                                  # the demo, into ./abkd-demo-output
     abkd-train --output_dir /tmp/demo --max_steps 300
@@ -36,17 +36,20 @@ if TYPE_CHECKING:
     from abkd_trainer.lm.config import ABKDConfig
 
 
-def _script_arguments_class() -> type:
-    """Defined lazily so that ``import abkd_trainer.cli.train`` does not import TRL."""
+def script_arguments_class() -> type:
+    """The script-arguments dataclass of `abkd-train` (and `abkd-cache-teacher`).
+
+    Defined lazily so that `import abkd_trainer.cli.train` does not import TRL.
+    """
     from trl import ScriptArguments
 
     @dataclass
     class ABKDScriptArguments(ScriptArguments):
-        """Script arguments of ``abkd-train``: TRL's dataset arguments plus ROUGE-L evaluation.
+        """Script arguments of `abkd-train`: TRL's dataset arguments plus ROUGE-L evaluation.
 
-        ``dataset_name`` accepts a Hub dataset id, a local ``.json``/``.jsonl``/``.parquet``/
-        ``.csv`` file (its rows become the ``train`` split), or a directory written by
-        ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+        `dataset_name` accepts a Hub dataset id, a local `.json`/`.jsonl`/`.parquet`/
+        `.csv` file (its rows become the `train` split), or a directory written by
+        `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
         """
 
         dataset_name: str | None = field(
@@ -97,15 +100,15 @@ def make_parser(
     extra_dataclass_types: Sequence[type] = (),
     description: str | None = None,
 ) -> TrlParser:
-    """The ``abkd-train`` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures).
+    """The `abkd-train` argument parser (script arguments, ABKDConfig, ModelConfig, mixtures).
 
-    ``extra_dataclass_types`` are parsed after those four (``abkd-sweep`` adds its own).
+    `extra_dataclass_types` are parsed after those four (`abkd-sweep` adds its own).
     """
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
     from abkd_trainer.lm.config import ABKDConfig
 
-    dataclass_types = (_script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
+    dataclass_types = (script_arguments_class(), ABKDConfig, ModelConfig, DatasetMixtureConfig)
     parser = TrlParser(
         (*dataclass_types, *extra_dataclass_types),
         prog=prog,
@@ -124,8 +127,8 @@ def make_parser(
     return parser
 
 
-def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
-    """Values of ``names`` given on the command line or in the ``--config`` YAML (not defaults)."""
+def requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+    """Values of `names` given on the command line or in the `--config` YAML (not defaults)."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -148,18 +151,18 @@ def _requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, An
 def is_demo_run(argv: Sequence[str]) -> bool:
     """True when neither a student, a teacher nor a dataset is named: run the offline demo.
 
-    A ``--teacher_cache`` stands in for the teacher (alone, it runs the demo from that cache).
+    A `--teacher_cache` stands in for the teacher (alone, it runs the demo from that cache).
 
     Raises:
         ValueError: when only some of them are named.
     """
-    requested = _requested_values(
+    requested = requested_values(
         argv, ("model_name_or_path", "teacher_model_name_or_path", "dataset_name", "datasets")
     )
     if not requested:
         return True
     has_teacher = "teacher_model_name_or_path" in requested or bool(
-        _requested_values(argv, ("teacher_cache",))
+        requested_values(argv, ("teacher_cache",))
     )
     has_dataset = "dataset_name" in requested or "datasets" in requested
     missing = [
@@ -186,12 +189,12 @@ def parse_args(
     defaults: dict[str, Any] | None = None,
     demo_defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into (script, training, model, mixture, is_demo).
+    """Parse `argv` (default `sys.argv[1:]`) into (script, training, model, mixture, is_demo).
 
-    Precedence, lowest first: dataclass defaults, ``defaults``, demo defaults (demo mode only;
-    ``demo_defaults`` replaces :data:`~abkd_trainer.lm.demo.DEMO_DEFAULTS`), the ``--config`` YAML
-    file, the command line. A ``parser`` from ``make_parser(extra_dataclass_types=...)`` adds
-    its extra dataclasses to the tuple, before ``is_demo``.
+    Precedence, lowest first: dataclass defaults, `defaults`, demo defaults (demo mode only;
+    `demo_defaults` replaces `DEMO_DEFAULTS`), the `--config` YAML
+    file, the command line. A `parser` from `make_parser(extra_dataclass_types=...)` adds
+    its extra dataclasses to the tuple, before `is_demo`.
     """
     from abkd_trainer.lm.demo import DEMO_DEFAULTS
 
@@ -203,10 +206,10 @@ def parse_args(
     overrides: dict[str, Any] = dict(defaults or {}) if not wants_help else {}
     if demo and not wants_help:
         overrides.update(DEMO_DEFAULTS if demo_defaults is None else demo_defaults)
-    if demo and _requested_values(argv, ("teacher_cache",)):
+    if demo and requested_values(argv, ("teacher_cache",)):
         overrides.pop("teacher_model_name_or_path", None)  # the cache replaces the teacher
-    deepspeed = _requested_values(argv, ("deepspeed",)).get("deepspeed")
-    if _init_cpu_distributed(deepspeed is not None):
+    deepspeed = requested_values(argv, ("deepspeed",)).get("deepspeed")
+    if init_cpu_distributed(deepspeed is not None):
         from abkd_trainer.core.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
 
         overrides["accelerator_config"] = CONFIGURED_STATE_ACCELERATOR_CONFIG
@@ -236,16 +239,18 @@ def _explain_precision_error(error: ValueError) -> ValueError:
     return ValueError(f"{error}\nabkd-train: no GPU with bf16 support here. {CPU_PRECISION_HINT}")
 
 
-def _init_cpu_distributed(use_deepspeed: bool) -> bool:
-    """DeepSpeed on CPU ranks needs its process group before the training arguments exist."""
+def init_cpu_distributed(use_deepspeed: bool) -> bool:
+    """Create the process group of a DeepSpeed run on CPU ranks, which it needs before the
+    training arguments exist; True when it did (the arguments must then use the configured
+    state: `CONFIGURED_STATE_ACCELERATOR_CONFIG`)."""
     from abkd_trainer.core.distributed import init_cpu_distributed_state
 
     return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
 
 
 def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
-    """Turn TRL's model flags (``--dtype``, ``--attn_implementation``, ``--model_revision``) into
-    ``training_args.model_init_kwargs``, with which SFTTrainer loads a student given by name;
+    """Turn TRL's model flags (`--dtype`, `--attn_implementation`, `--model_revision`) into
+    `training_args.model_init_kwargs`, with which SFTTrainer loads a student given by name;
     kwargs the user set there themselves win."""
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -258,9 +263,9 @@ def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
 
 
 def load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
-    """The splits named by ``--dataset_name`` (with ``--dataset_test_file``) or the mixture
-    ``--datasets``, as ``abkd-train`` loads them (also used by ``abkd-cache-teacher`` and
-    ``abkd-sweep``)."""
+    """The splits named by `--dataset_name` (with `--dataset_test_file`) or the mixture
+    `--datasets`, as `abkd-train` loads them (also used by `abkd-cache-teacher` and
+    `abkd-sweep`)."""
     from trl import get_dataset
 
     from abkd_trainer.lm.data import load_dataset_from_name
@@ -276,7 +281,12 @@ def load_datasets(script_args: Any, mixture_args: Any) -> DatasetDict:
     )
 
 
-def _split(datasets: DatasetDict, name: str, role: str) -> Dataset:
+def select_split(datasets: DatasetDict, name: str, role: str) -> Dataset:
+    """The split `name` of `datasets`, used for `role` (`"training"` or `"evaluation"`).
+
+    Raises:
+        ValueError: naming the splits there are and the flag that chooses one.
+    """
     if name not in datasets:
         raise ValueError(
             f"The dataset has no {name!r} split for {role} (splits: {sorted(datasets)}). Choose "
@@ -288,7 +298,7 @@ def _split(datasets: DatasetDict, name: str, role: str) -> Dataset:
 def configured_divergences(training_args: ABKDConfig) -> dict[str, Any]:
     """The training divergence (with its parameters and temperature) and forward KL, by name.
 
-    For report-time measurement: schedules (``alpha_end`` / ``beta_end``) are ignored and the
+    For report-time measurement: schedules (`alpha_end` / `beta_end`) are ignored and the
     start values used, so that before/after numbers measure one fixed divergence.
     """
     from abkd_trainer.divergences import divergence_spec, get_divergence
@@ -307,7 +317,7 @@ def configured_divergences(training_args: ABKDConfig) -> dict[str, Any]:
 
 @dataclass
 class RunInputs:
-    """What a run of ``abkd-train`` trains: the student (a model, or a name the trainer loads),
+    """What a run of `abkd-train` trains: the student (a model, or a name the trainer loads),
     its tokenizer, the splits, and labels for the report."""
 
     model: Any
@@ -321,11 +331,11 @@ class RunInputs:
 def load_run_inputs(
     script_args: Any, training_args: ABKDConfig, model_args: Any, mixture_args: Any, demo: bool
 ) -> RunInputs:
-    """The student, tokenizer and datasets named by parsed ``abkd-train`` arguments, checked.
+    """The student, tokenizer and datasets named by parsed `abkd-train` arguments, checked.
 
-    In demo mode the student is freshly initialised from ``training_args.seed``; otherwise it is
-    ``model_args.model_name_or_path``, loaded later by the trainer (sharded under ZeRO-3) with
-    the ``model_init_kwargs`` this function writes into ``training_args``.
+    In demo mode the student is freshly initialised from `training_args.seed`; otherwise it is
+    `model_args.model_name_or_path`, loaded later by the trainer (sharded under ZeRO-3) with
+    the `model_init_kwargs` this function writes into `training_args`.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -370,10 +380,10 @@ def load_run_inputs(
             trust_remote_code=training_args.trust_remote_code,
         )
 
-    train_dataset = _split(datasets, script_args.dataset_train_split, "training")
+    train_dataset = select_split(datasets, script_args.dataset_train_split, "training")
     needs_test = training_args.eval_strategy != "no" or script_args.rouge_l_eval
     test_dataset = (
-        _split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
+        select_split(datasets, script_args.dataset_test_split, "evaluation") if needs_test else None
     )
     # Name the file in errors about its columns (the trainer checks again, without the name).
     sources = {script_args.dataset_test_split: script_args.dataset_test_file}
@@ -463,7 +473,7 @@ def run(
             divergences=rouge_callback.divergence_results,
             training_args=training_args,
             teacher=training_args.teacher_model_name_or_path
-            or f"teacher cache {training_args.teacher_cache} ({trainer._teacher_name})",
+            or f"teacher cache {training_args.teacher_cache} ({trainer.teacher_name})",
             student=student_label,
             dataset=dataset_label,
             test_split=script_args.dataset_test_split,
@@ -492,7 +502,7 @@ def run(
 def _check_before_loading(training_args: ABKDConfig) -> str | None:
     """Checks that fail at once rather than after loading models or training.
 
-    A reused ``output_dir``, a resume without a checkpoint, and (``--push_to_hub``) a Hub that
+    A reused `output_dir`, a resume without a checkpoint, and (`--push_to_hub`) a Hub that
     cannot be written to. Returns the checkpoint to resume from, or None.
     """
     from abkd_trainer.core.checkpoints import (
@@ -515,7 +525,7 @@ def _check_before_loading(training_args: ABKDConfig) -> str | None:
 
 
 def _push_and_end(trainer: Any, dataset_name: str | None) -> None:
-    """Upload (``--push_to_hub``) once everything is saved locally, then end the run.
+    """Upload (`--push_to_hub`) once everything is saved locally, then end the run.
 
     Raises:
         HubUploadError: after every rank is done, when the upload failed; the message lists
@@ -539,7 +549,7 @@ def _push_and_end(trainer: Any, dataset_name: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of ``abkd-train`` and ``python -m abkd_trainer``."""
+    """Console entry point of `abkd-train` and `python -m abkd_trainer`."""
     script_args, training_args, model_args, mixture_args, demo = parse_args(argv)
     cpu_deepspeed = training_args.accelerator_config.use_configured_state
     if demo:

@@ -134,9 +134,9 @@ class ABKDTrainer(SFTTrainer):
     id or class; from a cache, the teacher its manifest names). Logged per train/eval period, as
     token-weighted averages over accumulation steps and processes: ``kd_loss``, ``ce_loss``,
     ``teacher_agreement`` (top-1 agreement), ``student_entropy`` and ``teacher_entropy`` (nats,
-    temperature 1), and, for ``divergence="ab"``, the current ``alpha`` and ``beta``. SFTTrainer's ``entropy`` (the same
-    value as ``student_entropy``), ``mean_token_accuracy`` and ``num_tokens`` are logged too, from
-    the same pass (see the README's "Logged metrics").
+    temperature 1), and, for ``divergence="ab"``, the current ``alpha`` and ``beta``.
+    SFTTrainer's ``entropy`` (the same value as ``student_entropy``), ``mean_token_accuracy`` and
+    ``num_tokens`` are logged too, from the same pass (see the README's "Logged metrics").
     """
 
     _tag_names = ["trl", "abkd", "knowledge-distillation"]
