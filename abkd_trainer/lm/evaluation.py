@@ -341,10 +341,18 @@ def rouge_l_evaluate(
     )
 
 
-def _encode_prompt_completion(
+def encode_prompt_completion(
     tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str
 ) -> tuple[list[int], int]:
-    """Ids of prompt + completion (+ EOS for text, as SFTTrainer adds) and the answer's start."""
+    """Token ids of `prompt` + `completion` and where the completion starts in them.
+
+    Text prompts get the tokenizer's EOS appended, as SFTTrainer adds it; conversational prompts
+    (lists of messages) are rendered with the chat template, the completion as the assistant turn.
+
+    Returns:
+        `(ids, start)`: the ids of the whole sequence, and the index of its first completion
+        token (where the prompt-only and the full tokenization first differ).
+    """
     if isinstance(prompt, str):
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = tokenizer(prompt + completion + (tokenizer.eos_token or ""))["input_ids"]
@@ -406,7 +414,7 @@ def teacher_divergence(
     with _evaluation_mode(student_module), _evaluation_mode(teacher_module):
         for start in range(0, len(indices), batch_size):
             encoded = [
-                _encode_prompt_completion(tokenizer, prompts[i], references[i])
+                encode_prompt_completion(tokenizer, prompts[i], references[i])
                 for i in indices[start : start + batch_size]
             ]
             length = max(len(ids) for ids, _ in encoded)

@@ -221,10 +221,10 @@ def _encode_batch(
     references: Sequence[str],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and the mask of logits that predict a response token."""
-    from abkd_trainer.lm.evaluation import _encode_prompt_completion
+    from abkd_trainer.lm.evaluation import encode_prompt_completion
 
     encoded = [
-        _encode_prompt_completion(tokenizer, prompt, reference)
+        encode_prompt_completion(tokenizer, prompt, reference)
         for prompt, reference in zip(prompts, references, strict=True)
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
