@@ -412,48 +412,21 @@ def run(
     from trl import get_peft_config
 
     from abkd_trainer.core.model_card import hub_id
-    from abkd_trainer.lm.evaluation import RougeLCallback, prompts_and_references
     from abkd_trainer.lm.trainer import ABKDTrainer
-    from abkd_trainer.tools.report import format_comparison_table, make_report, write_report
 
     checkpoint = _check_before_loading(training_args)
     inputs = load_run_inputs(script_args, training_args, model_args, mixture_args, demo)
-    model, tokenizer = inputs.model, inputs.tokenizer
-    train_dataset, test_dataset = inputs.train_dataset, inputs.test_dataset
-    dataset_label, student_label = inputs.dataset_label, inputs.student_label
-
     trainer = ABKDTrainer(
-        model=model,
+        model=inputs.model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.test_dataset if training_args.eval_strategy != "no" else None,
+        processing_class=inputs.tokenizer,
         peft_config=get_peft_config(model_args),
     )
-
     rouge_callback = None
-    live_teacher = training_args.teacher_cache is None
     if script_args.rouge_l_eval:
-        rows = test_dataset
-        if script_args.rouge_l_num_prompts is not None:
-            rows = rows.select(range(min(script_args.rouge_l_num_prompts, len(rows))))
-        prompts, references = prompts_and_references(rows)
-        rouge_callback = RougeLCallback(
-            trainer,
-            prompts,
-            references,
-            seeds=script_args.rouge_l_seeds,
-            max_new_tokens=script_args.rouge_l_max_new_tokens,
-            batch_size=script_args.rouge_l_batch_size,
-            evaluate_at_train_boundaries=True,
-            # From a teacher cache there is no teacher to sample from or compare logits with.
-            evaluate_teacher=live_teacher,
-            divergences=configured_divergences(training_args) if live_teacher else None,
-            dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
-            if not demo
-            else None,
-            dataset_split=script_args.dataset_test_split,
-        )
+        rouge_callback = _rouge_l_callback(trainer, script_args, inputs.test_dataset, demo)
         trainer.add_callback(rouge_callback)
 
     start = time.perf_counter()
@@ -468,34 +441,74 @@ def run(
 
     report = None
     if rouge_callback is not None and trainer.is_world_process_zero():
-        report = make_report(
-            rouge_results=rouge_callback.results,
-            divergences=rouge_callback.divergence_results,
-            training_args=training_args,
-            teacher=training_args.teacher_model_name_or_path
-            or f"teacher cache {training_args.teacher_cache} ({trainer.teacher_name})",
-            student=student_label,
-            dataset=dataset_label,
-            test_split=script_args.dataset_test_split,
-            max_new_tokens=script_args.rouge_l_max_new_tokens,
-            log_history=trainer.state.log_history,
-            wall_time_s=elapsed,
-        )
-        paths = write_report(
-            report,
-            trainer.state.log_history,
-            training_args.output_dir,
-            rouge_history=rouge_callback.history,
-        )
-        print("\n" + format_comparison_table(report))
-        print(
-            f"\nStudent, tokenizer, model card and report saved in {training_args.output_dir}: "
-            + ", ".join(path.name for path in paths)
-        )
+        report = _write_run_report(trainer, rouge_callback, script_args, inputs, elapsed)
     elif trainer.is_world_process_zero():
         print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
 
     _push_and_end(trainer, dataset_name=hub_dataset)
+    return report
+
+
+def _rouge_l_callback(trainer: Any, script_args: Any, test_dataset: Dataset, demo: bool) -> Any:
+    """The ROUGE-L evaluation of `--rouge_l_eval`, on the first test prompts."""
+    from abkd_trainer.lm.evaluation import RougeLCallback, prompts_and_references
+
+    training_args = trainer.args
+    rows = test_dataset
+    if script_args.rouge_l_num_prompts is not None:
+        rows = rows.select(range(min(script_args.rouge_l_num_prompts, len(rows))))
+    prompts, references = prompts_and_references(rows)
+    live_teacher = training_args.teacher_cache is None
+    return RougeLCallback(
+        trainer,
+        prompts,
+        references,
+        seeds=script_args.rouge_l_seeds,
+        max_new_tokens=script_args.rouge_l_max_new_tokens,
+        batch_size=script_args.rouge_l_batch_size,
+        evaluate_at_train_boundaries=True,
+        # From a teacher cache there is no teacher to sample from or compare logits with.
+        evaluate_teacher=live_teacher,
+        divergences=configured_divergences(training_args) if live_teacher else None,
+        dataset_name=(script_args.dataset_test_file or script_args.dataset_name)
+        if not demo
+        else None,
+        dataset_split=script_args.dataset_test_split,
+    )
+
+
+def _write_run_report(
+    trainer: Any, rouge_callback: Any, script_args: Any, inputs: RunInputs, elapsed: float
+) -> dict:
+    """Write report.json / report.md and the curves into `output_dir`, print the comparison table,
+    and return the report."""
+    from abkd_trainer.tools.report import format_comparison_table, make_report, write_report
+
+    training_args = trainer.args
+    report = make_report(
+        rouge_results=rouge_callback.results,
+        divergences=rouge_callback.divergence_results,
+        training_args=training_args,
+        teacher=training_args.teacher_model_name_or_path
+        or f"teacher cache {training_args.teacher_cache} ({trainer.teacher_name})",
+        student=inputs.student_label,
+        dataset=inputs.dataset_label,
+        test_split=script_args.dataset_test_split,
+        max_new_tokens=script_args.rouge_l_max_new_tokens,
+        log_history=trainer.state.log_history,
+        wall_time_s=elapsed,
+    )
+    paths = write_report(
+        report,
+        trainer.state.log_history,
+        training_args.output_dir,
+        rouge_history=rouge_callback.history,
+    )
+    print("\n" + format_comparison_table(report))
+    print(
+        f"\nStudent, tokenizer, model card and report saved in {training_args.output_dir}: "
+        + ", ".join(path.name for path in paths)
+    )
     return report
 
 

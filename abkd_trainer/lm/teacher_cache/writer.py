@@ -237,13 +237,7 @@ def cache_teacher(
     """
     vocab_size = len(processing_class)
     _check_cache_arguments(top_k, log_prob_dtype, shard_size, vocab_size)
-    teacher_name = teacher_model if isinstance(teacher_model, str) else None
-    if isinstance(teacher_model, str):
-        from abkd_trainer.lm.models import load_teacher
-
-        teacher_model = load_teacher(teacher_model, args)
-    teacher_name = teacher_name or teacher_model.config.name_or_path or type(teacher_model).__name__
-    teacher_model.requires_grad_(False)
+    teacher_model, teacher_name = _frozen_teacher(teacher_model, args)
 
     # The trainer's own dataset preparation and collator: an SFTTrainer over these datasets
     # with the same arguments prepares exactly what ABKDTrainer will (it is an SFTTrainer).
@@ -263,7 +257,7 @@ def cache_teacher(
         splits["eval"] = preparer.eval_dataset
     accelerator = preparer.accelerator
     manifest = TeacherCacheManifest(
-        teacher=str(teacher_name),
+        teacher=teacher_name,
         # SFTTrainer set the tokenizer's padding and end-of-sequence tokens up in place.
         tokenizer_fingerprint=tokenizer_fingerprint(processing_class),
         vocab_size=vocab_size,
@@ -291,6 +285,20 @@ def cache_teacher(
         _finish_manifest(root, manifest)
     accelerator.wait_for_everyone()
     return root
+
+
+def _frozen_teacher(
+    teacher_model: str | PreTrainedModel, args: ABKDConfig
+) -> tuple[PreTrainedModel, str]:
+    """The teacher (loaded when given by name), without gradients, and the name to record."""
+    teacher_name = teacher_model if isinstance(teacher_model, str) else None
+    if isinstance(teacher_model, str):
+        from abkd_trainer.lm.models import load_teacher
+
+        teacher_model = load_teacher(teacher_model, args)
+    teacher_name = teacher_name or teacher_model.config.name_or_path or type(teacher_model).__name__
+    teacher_model.requires_grad_(False)
+    return teacher_model, str(teacher_name)
 
 
 def _check_cache_arguments(
