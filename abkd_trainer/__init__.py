@@ -29,6 +29,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "cache_teacher": "abkd_trainer.lm.teacher_cache",
     "ABKDConfig": "abkd_trainer.lm.config",
     "ABKDTrainer": "abkd_trainer.lm.trainer",
+    "ABKDClassifierConfig": "abkd_trainer.classification.config",
+    "ABKDClassifierTrainer": "abkd_trainer.classification.trainer",
     "rouge_l_evaluate": "abkd_trainer.lm.evaluation",
     "RougeLCallback": "abkd_trainer.lm.evaluation",
     "mass_allocation": "abkd_trainer.tools.mass_allocation",
@@ -41,6 +43,8 @@ _LAZY_EXPORTS: dict[str, str] = {
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
+    from abkd_trainer.classification.config import ABKDClassifierConfig
+    from abkd_trainer.classification.trainer import ABKDClassifierTrainer
     from abkd_trainer.core.collapse_guard import CollapseGuardCallback
     from abkd_trainer.divergences import (
         DIVERGENCE_NAMES,

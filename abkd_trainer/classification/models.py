@@ -1,0 +1,188 @@
+"""Teacher and student classifiers: loading by name, freezing and placing the teacher, PEFT.
+
+Any model whose output has `.logits` of shape `(batch, num_labels)` can be distilled. Given by
+name or path, a model is loaded with the transformers Auto class of its task, picked from the
+config's `architectures` (image, sequence or audio classification), from safetensors weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+from transformers import (
+    AutoConfig,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
+from transformers.models.auto import modeling_auto
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftConfig, PeftModel
+
+__all__ = [
+    "CLASSIFICATION_TASKS",
+    "classification_task",
+    "classifier_head_modules",
+    "forward_parameters",
+    "load_classifier",
+    "model_name",
+    "prepare_teacher",
+    "wrap_with_peft",
+]
+
+# Hub task name -> (Auto class, model_type -> architecture name(s) of that task).
+CLASSIFICATION_TASKS: dict[str, tuple[type, dict[str, Any]]] = {
+    "image-classification": (
+        AutoModelForImageClassification,
+        modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    ),
+    "text-classification": (
+        AutoModelForSequenceClassification,
+        modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    ),
+    "audio-classification": (
+        AutoModelForAudioClassification,
+        modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+    ),
+}
+
+
+def _architecture_names(mapping: dict[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def _task_of(architectures: list[str] | None, model_type: str | None) -> str | None:
+    """The classification task of a config, from its architectures, else its model type."""
+    for architecture in architectures or ():
+        for task, (_, mapping) in CLASSIFICATION_TASKS.items():
+            if architecture in _architecture_names(mapping):
+                return task
+    if architectures:
+        return None  # saved as something else (a base model, a causal LM)
+    tasks = [task for task, (_, mapping) in CLASSIFICATION_TASKS.items() if model_type in mapping]
+    return tasks[0] if len(tasks) == 1 else None
+
+
+def classification_task(model: nn.Module) -> str | None:
+    """`"image-classification"`, `"text-classification"`, `"audio-classification"` or None."""
+    config = getattr(model, "config", None)
+    architectures = [type(_base_model(model)).__name__]
+    return _task_of(architectures, getattr(config, "model_type", None))
+
+
+def load_classifier(
+    name_or_path: str, init_kwargs: dict[str, Any] | None, *, who: str
+) -> PreTrainedModel:
+    """Load a classifier with the Auto class of its task, from safetensors weights.
+
+    Args:
+        name_or_path: a Hub id or a local directory saved with `save_pretrained`.
+        init_kwargs: keyword arguments of `from_pretrained` (`dtype`, `num_labels`, ...).
+            `use_safetensors` defaults to True and `device_map` to None (the trainer places
+            the model).
+        who: `"teacher"` or `"student"`, for messages.
+
+    Raises:
+        ValueError: the config names no image, sequence or audio classification architecture.
+    """
+    kwargs = dict(init_kwargs or {})
+    trust_remote_code = kwargs.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    task = _task_of(getattr(config, "architectures", None), config.model_type)
+    if task is None:
+        saved_as = getattr(config, "architectures", None) or config.model_type
+        raise ValueError(
+            f"The {who} {name_or_path!r} is saved as {saved_as!r}, "
+            "which is not an image, sequence or audio classification model "
+            "(AutoModelForImageClassification, AutoModelForSequenceClassification, "
+            f"AutoModelForAudioClassification). Load the {who} yourself and pass the instance."
+        )
+    kwargs.setdefault("use_safetensors", True)
+    kwargs.setdefault("device_map", None)
+    auto_class = CLASSIFICATION_TASKS[task][0]
+    return auto_class.from_pretrained(name_or_path, **kwargs)
+
+
+def model_name(model: nn.Module, source: str | None = None) -> str:
+    """How to name a model in messages and model cards: its source, Hub id or class."""
+    config = getattr(model, "config", None)
+    return source or getattr(config, "_name_or_path", "") or type(_base_model(model)).__name__
+
+
+def forward_parameters(model: nn.Module) -> list[str]:
+    """The named arguments of the (unwrapped) model's `forward`."""
+    parameters = inspect.signature(_base_model(model).forward).parameters.values()
+    return [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def prepare_teacher(
+    teacher: nn.Module, accelerator: Accelerator, is_deepspeed_enabled: bool
+) -> nn.Module:
+    """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device.
+
+    Under DeepSpeed the engine follows the student's ZeRO stage (partitioned under ZeRO-3,
+    replicated otherwise; see `abkd_trainer.core.distributed.prepare_deepspeed_teacher`).
+    Otherwise accelerate places it for evaluation (device, and the mixed-precision autocast
+    of training).
+    """
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if is_deepspeed_enabled:
+        from abkd_trainer.core.distributed import prepare_deepspeed_teacher
+
+        teacher = prepare_deepspeed_teacher(teacher, accelerator)
+    else:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    teacher.eval()  # not `return teacher.eval()`: a DeepSpeedEngine's eval() returns None
+    return teacher
+
+
+def classifier_head_modules(model: nn.Module) -> list[str]:
+    """The names of the modules around a classifier's backbone: its (new) head.
+
+    These are the direct children of the model that hold parameters, other than the backbone
+    (`model.base_model_prefix`): `["classifier"]` for ViT, ResNet or BERT classifiers,
+    `["projector", "classifier"]` for Wav2Vec2, `["pre_classifier", "classifier"]` for
+    DistilBERT.
+    """
+    backbone = getattr(model, "base_model_prefix", None)
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def wrap_with_peft(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
+    """`model` with adapters from `peft_config`, its classifier head fully trainable.
+
+    The head is added to a copy of `peft_config.modules_to_save` (as PEFT does for
+    `task_type="SEQ_CLS"`): a student's head is usually new or re-sized, and a frozen random
+    head could not learn the classes. Pass a `PeftModel` instead to keep the head frozen.
+    """
+    from peft import get_peft_model
+
+    config = copy.deepcopy(peft_config)
+    head = classifier_head_modules(model)
+    modules = list(getattr(config, "modules_to_save", None) or [])
+    config.modules_to_save = modules + [name for name in head if name not in modules]
+    return get_peft_model(model, config)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT or DeepSpeed wrapper."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        return model.get_base_model()
+    module = getattr(model, "module", None)  # DeepSpeed / DDP wrappers
+    return module if isinstance(module, nn.Module) else model
