@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make test` builds the docs with --strict: broken links, missing API targets and docstring
+# warnings fail. NO_MKDOCS_2_WARNING silences Material's notice about MkDocs 2 on every build.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint docs bench clean
 
 setup: $(STAMP)
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,peft,eval,sweep,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,peft,eval,sweep,dev,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
+	$(MKDOCS) build --strict --quiet
 	$(PY) -m pytest tests -q
 
 test-fast: $(STAMP)
@@ -27,6 +31,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
 	$(PY) -m ruff format --check abkd_trainer tests benchmarks examples scripts
+
+# The documentation site, into build/site/ (mkdocs.yml); offline, no plugin fetches anything.
+docs: $(STAMP)
+	$(MKDOCS) build
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -100,8 +100,9 @@ def check_finite_step(
     """Raise `NonFiniteError` if this micro-batch's teacher, student or loss is not finite.
 
     Args:
-        teacher_entropy_sum, student_entropy_sum: sums of each model's per-token entropy over the
-            supervised positions of the micro-batch (non-finite iff some log-probability is).
+        teacher_entropy_sum: the sum of the teacher's per-token entropy over the supervised
+            positions of the micro-batch (non-finite iff some log-probability is).
+        student_entropy_sum: the same sum for the student.
         loss: the scalar loss about to be back-propagated.
         step: the optimizer step being computed (`state.global_step + 1` in training).
         training: whether this is a training step (else an evaluation after step `step`).
