@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "class_names": CLASS_NAMES,
         "split_sizes": {split: len(rows) for split, rows in splits.items()},
         "class_counts": {
-            split: np.bincount(labels[rows], minlength=10).tolist() for split, rows in splits.items()
+            split: np.bincount(labels[rows], minlength=10).tolist()
+            for split, rows in splits.items()
         },
     }
     (args.output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
