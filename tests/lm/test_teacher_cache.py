@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
 from testing_utils import build_prompt_completion_dataset, build_student_and_teacher
+from transformers import AutoTokenizer
 
 from abkd_trainer import ABKDConfig
 from abkd_trainer.lm.teacher_cache import (
     LOG_PROB_DTYPES,
+    SPLITTING_PROBE,
     TeacherCache,
     TeacherCacheManifest,
     cache_teacher,
     prepared_dataset_fingerprint,
     tokenizer_fingerprint,
+    tokenizer_splitting,
 )
 
 
@@ -45,6 +50,48 @@ def test_tokenizer_fingerprint_sees_the_chat_template(tiny_tokenizer):
     fingerprint = tokenizer_fingerprint(tiny_tokenizer)
     tiny_tokenizer.chat_template = tiny_tokenizer.chat_template.replace("<|im_end|>", "\n", 1)
     assert tokenizer_fingerprint(tiny_tokenizer) != fingerprint
+
+
+def as_tokenizer_class(tokenizer, class_name, directory):
+    """`tokenizer` saved to `directory` and loaded back as `class_name` (same tokenizer.json)."""
+    tokenizer.save_pretrained(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = class_name
+    config_path.write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def test_tokenizer_splitting_sees_how_text_is_split_with_the_same_vocabulary(
+    tmp_path, tiny_tokenizer
+):
+    splitting = tokenizer_splitting(tiny_tokenizer)
+    # Saved and loaded again as its own class: the same behaviour, the same digests.
+    reloaded = as_tokenizer_class(tiny_tokenizer, type(tiny_tokenizer).__name__, tmp_path / "a")
+    assert tokenizer_splitting(reloaded) == splitting
+    # The same tokenizer.json loaded as Qwen2's class: Qwen2 builds its own normalizer (NFC) and
+    # pre-tokenizer. The vocabulary, template and special tokens agree; the splitting does not.
+    qwen = as_tokenizer_class(tiny_tokenizer, "Qwen2Tokenizer", tmp_path / "b")
+    assert tokenizer_fingerprint(qwen) == tokenizer_fingerprint(tiny_tokenizer)
+    qwen_splitting = tokenizer_splitting(qwen)
+    assert qwen_splitting["normalizer"] != splitting["normalizer"]
+    assert qwen_splitting["pre_tokenizer"] != splitting["pre_tokenizer"]
+    # NFC composes the probe's decomposed accent: the probe's ids differ too.
+    assert qwen(SPLITTING_PROBE)["input_ids"] != tiny_tokenizer(SPLITTING_PROBE)["input_ids"]
+    assert qwen_splitting["probe"] != splitting["probe"]
+
+
+def test_manifest_of_an_older_or_newer_version_reads(tmp_path):
+    manifest = TeacherCacheManifest(
+        teacher="t", tokenizer_fingerprint="f", vocab_size=3, top_k=2, log_prob_dtype="float32",
+        preprocessing={}, splits={},
+    )  # fmt: skip
+    data = json.loads(manifest.to_json())
+    del data["tokenizer_splitting"], data["tokenizer_class"]  # written before they existed
+    older = TeacherCacheManifest.from_json(json.dumps(data))
+    assert older.tokenizer_splitting is None and older == manifest
+    data["field_of_a_later_version"] = 1
+    assert TeacherCacheManifest.from_json(json.dumps(data)) == manifest
 
 
 @pytest.mark.parametrize("dtype", sorted(LOG_PROB_DTYPES))

@@ -24,6 +24,7 @@ from testing_utils import (
     cpu_training_kwargs,
     reference_token_divergence,
 )
+from transformers import AutoTokenizer
 
 from abkd_trainer import ABKDConfig, ABKDTrainer
 from abkd_trainer.lm.teacher_cache import MANIFEST_NAME, TeacherCache, cache_teacher
@@ -196,7 +197,10 @@ def written_cache(tmp_path):
     [
         ({"max_length": 32}, "max_length=64.*max_length=32"),
         ({"completion_only_loss": False}, "completion_only_loss"),
-        ({"dataset": build_prompt_completion_dataset(5)}, "does not match the train data"),
+        (
+            {"dataset": build_prompt_completion_dataset(5)},
+            "does not match the train data.* or a tokenizer that splits text differently",
+        ),
         ({"tokenizer": build_tiny_tokenizer(extra_special_tokens=["<x>"])}, "another tokenizer"),
         ({"eval_dataset": build_prompt_completion_dataset(3)}, "not 'eval'"),
     ],
@@ -213,6 +217,39 @@ def test_mismatched_cache_is_refused(tmp_path, written_cache, change, message):
             tmp_path / "run", cache, student, tokenizer, dataset, eval_dataset,
             max_length=change.pop("max_length", 64), eval_strategy="no", **change,
         )  # fmt: skip
+
+
+def test_a_tokenizer_that_splits_text_differently_is_refused_by_name(tmp_path, written_cache):
+    cache, student, _, tokenizer, dataset = written_cache
+    # The cache's tokenizer.json loaded as Qwen2's tokenizer class, which builds its own
+    # normalizer (NFC) and pre-tokenizer: the same vocabulary, chat template and special tokens.
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config_path = tmp_path / "tokenizer" / "tokenizer_config.json"
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": "Qwen2Tokenizer"})
+    )
+    other_class = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert other_class.get_vocab() == tokenizer.get_vocab()
+    # This ASCII data even tokenizes alike, so the prepared datasets' fingerprints agree: only
+    # the tokenizer's own fingerprint can tell.
+    prepared = _cached_trainer(tmp_path / "ok", cache, student, tokenizer, dataset, max_length=64)
+    assert (
+        other_class(dataset[0]["prompt"])["input_ids"]
+        == tokenizer(dataset[0]["prompt"])["input_ids"]
+    )
+    with pytest.raises(ValueError, match="splits text differently.*normalizer.*Qwen2Tokenizer"):
+        _cached_trainer(tmp_path / "run", cache, student, other_class, dataset, max_length=64)
+    assert prepared.teacher_cache is not None
+
+
+def test_a_cache_without_the_splitting_fingerprint_still_trains(tmp_path, written_cache):
+    cache, student, _, tokenizer, dataset = written_cache
+    manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    del manifest["tokenizer_splitting"], manifest["tokenizer_class"]  # an older writer's manifest
+    (cache / MANIFEST_NAME).write_text(json.dumps(manifest))
+    trainer = _cached_trainer(tmp_path / "run", cache, student, tokenizer, dataset, max_length=64)
+    trainer.train()
+    assert trainer.state.global_step == 3
 
 
 def test_incomplete_cache_and_conflicting_teacher_are_refused(tmp_path, written_cache):

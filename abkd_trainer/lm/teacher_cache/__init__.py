@@ -32,9 +32,11 @@ training run), `writer` (`cache_teacher`) and
 """
 
 from abkd_trainer.lm.teacher_cache.fingerprints import (
+    SPLITTING_PROBE,
     prepared_dataset_fingerprint,
     preprocessing_settings,
     tokenizer_fingerprint,
+    tokenizer_splitting,
 )
 from abkd_trainer.lm.teacher_cache.manifest import (
     BATCH_KEYS,
@@ -64,6 +66,7 @@ __all__ = [
     "LOG_PROB_DTYPES",
     "MANIFEST_NAME",
     "ROW_COLUMN",
+    "SPLITTING_PROBE",
     "CachedTraining",
     "SplitInfo",
     "TeacherCache",
@@ -74,5 +77,6 @@ __all__ = [
     "prepared_dataset_fingerprint",
     "preprocessing_settings",
     "tokenizer_fingerprint",
+    "tokenizer_splitting",
     "train_from_cache",
 ]

@@ -28,6 +28,56 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+# Text that exercises what tokenizers disagree on: Unicode normalisation (a decomposed accent, a
+# ligature, full-width and compatibility characters), case, digits, punctuation runs, runs of
+# spaces, tabs and line breaks, several scripts, emoji with a modifier, markup and code, and the
+# ChatML special-token strings.
+SPLITTING_PROBE = (
+    "Hello, World!  It's 2025:\t3.14 + 1e-3 = ?\n\n  naïve cafe\u0301 Straße ﬁne ½ Ｆｕｌｌ İ\r\n"
+    "日本語のテキスト 한국어 русский текст العربية हिन्दी 🙂👍🏽 ...!!! ---\n"
+    "<b>markup</b> def __init__(self): return {'key': [1, 2]}  # comment\n"
+    "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>   trailing spaces   "
+)
+# The parts of a `tokenizers` backend that decide how text becomes ids, in the order text meets
+# them, and the probe text's ids, which also cover tokenizers without such a backend.
+SPLITTING_COMPONENTS = ("normalizer", "pre_tokenizer", "model", "post_processor", "probe")
+
+
+def tokenizer_splitting(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """SHA-256 per part of how `tokenizer` splits text into ids (`SPLITTING_COMPONENTS`).
+
+    For a fast tokenizer, the backend's normalizer, pre-tokenizer, model (its type, merges and
+    options; the vocabulary too) and post-processor, as serialised by `tokenizers`; for every
+    tokenizer, the ids of `SPLITTING_PROBE` with the special tokens the tokenizer adds. Two
+    tokenizers with the same vocabulary can still split text differently, e.g. one
+    `tokenizer.json` loaded as two tokenizer classes that each build their own pre-tokenizer.
+
+    Returns:
+        Component name -> hex digest (the backend's components are absent without a backend).
+    """
+    digests = {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        serialised = json.loads(backend.to_str())
+        for name in SPLITTING_COMPONENTS[:-1]:
+            digests[name] = _sha256(serialised.get(name))
+    probe_ids = tokenizer(SPLITTING_PROBE, add_special_tokens=True)["input_ids"]
+    digests["probe"] = _sha256(list(probe_ids))
+    return digests
+
+
+def first_splitting_difference(cached: dict[str, str], current: dict[str, str]) -> str | None:
+    """The first component (in `SPLITTING_COMPONENTS` order) whose digest differs, or None."""
+    for name in SPLITTING_COMPONENTS:
+        if cached.get(name) != current.get(name):
+            return name
+    return None
+
+
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def prepared_dataset_fingerprint(dataset: Dataset, batch_size: int = 4096) -> str:
     """SHA-256 of a prepared dataset's token ids, labels and packed lengths, row by row in order.
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_TOP_K = 64
@@ -46,8 +49,10 @@ class SplitInfo:
 class TeacherCacheManifest:
     """`manifest.json` of a teacher cache.
 
-    `teacher`, `dataset` and `written_by` are informational; everything else is checked
-    against the training run (`TeacherCache.check_compatible`).
+    `teacher`, `dataset`, `tokenizer_class` and `written_by` are informational; everything else
+    is checked against the training run (`TeacherCache.check_compatible`). `tokenizer_splitting`
+    (see `tokenizer_splitting`) is None in caches written before it was recorded: their
+    tokenizer's behaviour is then checked through the prepared datasets' fingerprints alone.
     """
 
     teacher: str
@@ -62,6 +67,8 @@ class TeacherCacheManifest:
     complete: bool = False
     format_version: int = CACHE_FORMAT_VERSION
     written_by: dict[str, Any] = field(default_factory=dict)
+    tokenizer_splitting: dict[str, str] | None = None
+    tokenizer_class: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -70,13 +77,18 @@ class TeacherCacheManifest:
     def from_json(cls, text: str) -> TeacherCacheManifest:
         data = json.loads(text)
         data["splits"] = {name: SplitInfo(**info) for name, info in data["splits"].items()}
-        return cls(**data)
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:  # written by a newer abkd-trainer: read what this version knows
+            logger.warning(f"Ignoring the teacher cache manifest's unknown fields {unknown}.")
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     def settings(self) -> dict[str, Any]:
         """What must agree between two runs writing into the same directory."""
         return {
             "teacher": self.teacher,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "tokenizer_splitting": self.tokenizer_splitting,
             "vocab_size": self.vocab_size,
             "top_k": self.top_k,
             "log_prob_dtype": self.log_prob_dtype,

@@ -13,8 +13,10 @@ import torch
 
 from abkd_trainer.divergences.coarsened import CachedTeacher
 from abkd_trainer.lm.teacher_cache.fingerprints import (
+    first_splitting_difference,
     prepared_dataset_fingerprint,
     tokenizer_fingerprint,
+    tokenizer_splitting,
 )
 from abkd_trainer.lm.teacher_cache.manifest import (
     BATCH_KEYS,
@@ -153,7 +155,8 @@ class TeacherCache:
         """Raise `ValueError` naming the first mismatch between the cache and a training run.
 
         Args:
-            tokenizer: the training run's tokenizer (its vocabulary and chat template).
+            tokenizer: the training run's tokenizer (its vocabulary, chat template, special
+                tokens and how it splits text).
             preprocessing: `preprocessing_settings` of the run.
             datasets: split name (`"train"`, `"eval"`) -> the run's prepared dataset.
         """
@@ -170,6 +173,7 @@ class TeacherCache:
                 f"the training run's ({len(tokenizer)} tokens). {fix}, with the student's "
                 "tokenizer (`--model_name_or_path`)."
             )
+        self._check_tokenizer_splitting(tokenizer, f"{fix}, with the student's tokenizer")
         for name in sorted(set(manifest.preprocessing) | set(preprocessing)):
             cached, current = manifest.preprocessing.get(name), preprocessing.get(name)
             if cached != current:
@@ -185,8 +189,39 @@ class TeacherCache:
                     f"{where} does not match the {split} data: it was written for a prepared "
                     f"dataset of {info.num_rows} rows (fingerprint {info.fingerprint[:12]}), the "
                     f"training run prepares {len(dataset)} rows (fingerprint {fingerprint[:12]}). "
-                    "Another dataset, split, formatting function or shuffling seed? " + fix + "."
+                    "Another dataset, split, formatting function or shuffling seed, or a "
+                    "tokenizer that splits text differently (same vocabulary, another class or "
+                    "normalizer / pre-tokenizer)? " + fix + "."
                 )
+
+    def _check_tokenizer_splitting(self, tokenizer: PreTrainedTokenizerBase, fix: str) -> None:
+        """Raise `ValueError` when `tokenizer` splits text unlike the cache's tokenizer."""
+        cached = self.manifest.tokenizer_splitting
+        if cached is None:  # an older cache: the prepared datasets' fingerprints decide
+            return
+        differing = first_splitting_difference(cached, tokenizer_splitting(tokenizer))
+        if differing is None:
+            return
+        part = {
+            "normalizer": "its normalizer",
+            "pre_tokenizer": "its pre-tokenizer",
+            "model": "its tokenization model (merges or options)",
+            "post_processor": "its post-processor (the special tokens it adds)",
+            "probe": "the ids it gives a probe text",
+        }[differing]
+        classes = (
+            f" (it was {self.manifest.tokenizer_class}, the training run's is "
+            f"{type(tokenizer).__name__})"
+            if self.manifest.tokenizer_class not in (None, type(tokenizer).__name__)
+            else ""
+        )
+        raise ValueError(
+            f"The teacher cache at {self.path} was written with a tokenizer that splits text "
+            f"differently from the training run's: the vocabulary, chat template and special "
+            f"tokens agree, but {part} differs{classes}. The same tokenizer.json loaded as "
+            "another tokenizer class does this. The cached positions would not be the training "
+            f"run's tokens. {fix}, or load the tokenizer the way the cache's writer did."
+        )
 
 
 # ----------------------------------------------------------------------------- training side
@@ -239,9 +274,9 @@ class CachedTraining:
 
     Attributes:
         cache: the opened cache.
-        train_dataset, eval_dataset: the prepared datasets with their cache rows in
-            `ROW_COLUMN` (a column the trainer must keep: the model's forward does not
-            take it).
+        train_dataset: the prepared training dataset with its cache rows in `ROW_COLUMN` (a
+            column the trainer must keep: the model's forward does not take it).
+        eval_dataset: the prepared evaluation dataset with its cache rows, or None.
         data_collator: the trainer's collator wrapped in a `TeacherCacheCollator`.
     """
 
@@ -266,7 +301,8 @@ def train_from_cache(
         path: the cache directory (written by `cache_teacher` / `abkd-cache-teacher`).
         tokenizer: the run's tokenizer.
         preprocessing: `preprocessing_settings` of the run.
-        train_dataset, eval_dataset: the run's prepared datasets (SFTTrainer's preparation).
+        train_dataset: the run's prepared training dataset (SFTTrainer's preparation).
+        eval_dataset: the run's prepared evaluation dataset, or None.
         data_collator: the run's collator.
 
     Raises:

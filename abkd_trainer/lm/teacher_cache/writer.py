@@ -27,6 +27,7 @@ from abkd_trainer.lm.teacher_cache.fingerprints import (
     prepared_dataset_fingerprint,
     preprocessing_settings,
     tokenizer_fingerprint,
+    tokenizer_splitting,
 )
 from abkd_trainer.lm.teacher_cache.manifest import (
     CACHE_COLUMNS,
@@ -224,9 +225,11 @@ def cache_teacher(
             `assistant_only_loss`, `dataset_text_field`, `seed`, ...) decide the positions;
             the cache goes to `args.output_dir`; `per_device_eval_batch_size` rows go
             through the teacher at once.
-        train_dataset, eval_dataset, processing_class, formatting_func: what the training run
-            will pass to `ABKDTrainer` (`eval_dataset` only if it evaluates; the tokenizer
-            is the student's).
+        train_dataset: what the training run will pass to `ABKDTrainer` as its
+            `train_dataset`.
+        processing_class: the tokenizer of the training run (the student's).
+        eval_dataset: the training run's `eval_dataset`, if it evaluates.
+        formatting_func: the training run's `formatting_func`, if any.
         top_k: token ids kept per position (`len(processing_class)` keeps all of them; the
             divergence is then the full one).
         log_prob_dtype: `"bfloat16"` (default), `"float16"` or `"float32"`.
@@ -260,6 +263,8 @@ def cache_teacher(
         teacher=teacher_name,
         # SFTTrainer set the tokenizer's padding and end-of-sequence tokens up in place.
         tokenizer_fingerprint=tokenizer_fingerprint(processing_class),
+        tokenizer_splitting=tokenizer_splitting(processing_class),
+        tokenizer_class=type(processing_class).__name__,
         vocab_size=vocab_size,
         top_k=top_k,
         log_prob_dtype=log_prob_dtype,
@@ -387,6 +392,10 @@ def _begin_run(root: Path, manifest: TeacherCacheManifest, accelerator: Any) -> 
     if manifest_path.is_file():
         previous = TeacherCacheManifest.from_json(manifest_path.read_text())
         old, new = previous.settings(), manifest.settings()
+        if previous.tokenizer_splitting is None:
+            # Written before the splitting was recorded; the prepared datasets' fingerprints
+            # (compared here too) show the same tokens either way.
+            new["tokenizer_splitting"] = None
         if old != new:
             differing = next(key for key in new if old.get(key) != new.get(key))
             raise ValueError(
