@@ -22,6 +22,7 @@ __all__ = [
     "rowwise_loss_and_grad",
     "chunked_divergence",
     "backward_keeps_graph",
+    "compute_dtype",
 ]
 
 # fp32 values per (chunk, V) temporary. On CPU, 1 MiB temporaries stay cache-resident and keep
@@ -57,9 +58,9 @@ def rowwise_loss_and_grad(
     Returns:
         ``row_losses`` ``(n,)`` and ``grad_student_logits`` ``(n, V)`` (d row_loss / d raw logits).
     """
-    compute_dtype = _compute_dtype(student_logits.dtype)
-    student = student_logits.to(compute_dtype)
-    teacher = teacher_logits.to(compute_dtype)
+    work_dtype = compute_dtype(student_logits.dtype)
+    student = student_logits.to(work_dtype)
+    teacher = teacher_logits.to(work_dtype)
     if temperature != 1.0:
         student = student / temperature
         teacher = teacher / temperature
@@ -105,7 +106,7 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
         num_tokens = student_logits.shape[0]
         needs_grad = ctx.needs_input_grad[0]
         row_losses = torch.zeros(
-            num_tokens, dtype=_compute_dtype(student_logits.dtype), device=student_logits.device
+            num_tokens, dtype=compute_dtype(student_logits.dtype), device=student_logits.device
         )
         # fp16 cannot hold a token's unscaled gradient (it can exceed 65504 before the 1/N of a
         # mean is applied): store each row normalised to max |g| = 1 with its fp32 scale.
@@ -180,7 +181,7 @@ def backward_keeps_graph() -> bool:
     return True if keep_graph is None else bool(keep_graph())
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision and fp32 logits, float64 for float64 logits."""
     return torch.promote_types(dtype, torch.float32)
 

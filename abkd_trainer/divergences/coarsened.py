@@ -31,32 +31,28 @@ never exist as one tensor). Both compute the gradient during the forward pass, i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from abkd_trainer.divergences.chunked import (
-    _compute_dtype,
     backward_keeps_graph,
+    compute_dtype,
     default_chunk_size,
     rowwise_loss_and_grad,
 )
-from abkd_trainer.divergences.fused_linear import (
-    _PER_ROW_FIELDS,
-    IGNORE_INDEX,
+from abkd_trainer.divergences.fused_inputs import FusedLossOptions, count_rows, reduce_rows
+from abkd_trainer.divergences.fused_tiles import (
     FusedLinearDistillationOutput,
-    LogitTransform,
-    TileEvaluator,
-    _cross_entropy_and_grad,
-    _gemm_dtype,
-    _pointwise_rows,
-    _resolve_divergence,
-    _validate_head,
-    default_fused_chunk_size,
-    walk_student_tiles,
+    FusedTeacher,
+    TeacherChunk,
+    TileSettings,
+    fused_tiles_loss,
 )
 from abkd_trainer.divergences.pointwise import PointwiseDivergence
+from abkd_trainer.divergences.projection import LogitTransform, gemm_dtype, validate_head
+from abkd_trainer.divergences.registry import resolve_divergence
 from abkd_trainer.divergences.statistics import (
     TokenStatistics,
     log_probs_and_entropy,
@@ -65,6 +61,7 @@ from abkd_trainer.divergences.statistics import (
 
 __all__ = [
     "CachedTeacher",
+    "CachedTeacherTiles",
     "cached_row_statistics",
     "coarsened_divergence",
     "coarsened_token_statistics",
@@ -73,8 +70,6 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
-# The statistics among the fused kernel's per-row fields, in their order there.
-_STATISTICS = ("teacher_agreement", "student_entropy", "teacher_entropy", "token_accuracy")
 
 
 @dataclass(frozen=True)
@@ -131,7 +126,7 @@ class CachedTeacher:
         ``log(1 - sum(top-k probabilities))``, which cancels when the top ``k`` hold nearly all
         the mass.
         """
-        log_probs = torch.log_softmax(teacher_logits.to(_compute_dtype(teacher_logits.dtype)), -1)
+        log_probs = torch.log_softmax(teacher_logits.to(compute_dtype(teacher_logits.dtype)), -1)
         topk_log_probs, topk_ids = log_probs.topk(top_k, dim=-1)
         tail = torch.logsumexp(log_probs.scatter_(-1, topk_ids, -math.inf), dim=-1)
         return cls(topk_ids, topk_log_probs, tail)
@@ -180,15 +175,15 @@ def coarsened_rowwise_loss_and_grad(
     path; the chain rule then gives each picked id its bucket's gradient and each tail entry the
     tail bucket's gradient times its share ``exp(z_j - logsumexp_tail)`` of the tail.
     """
-    compute_dtype = _compute_dtype(student_logits.dtype)
-    work = student_logits.to(compute_dtype, copy=True)
+    work_dtype = compute_dtype(student_logits.dtype)
+    work = student_logits.to(work_dtype, copy=True)
     picked = work.gather(-1, topk_ids)
     work.scatter_(-1, topk_ids, -math.inf)
     tail = torch.logsumexp(work, dim=-1, keepdim=True)  # -inf when the k ids cover everything
     student_buckets = torch.cat([picked, tail], dim=-1)
     row_losses, bucket_grad = rowwise_loss_and_grad(
         student_buckets,
-        teacher_bucket_log_probs.to(compute_dtype),
+        teacher_bucket_log_probs.to(work_dtype),
         divergence,
         temperature,
         compute_grad=compute_grad,
@@ -219,7 +214,7 @@ class _CoarsenedDivergenceFunction(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0]
         num_counted = topk_ids.shape[0]
         row_losses = torch.zeros(
-            num_counted, dtype=_compute_dtype(student_logits.dtype), device=student_logits.device
+            num_counted, dtype=compute_dtype(student_logits.dtype), device=student_logits.device
         )
         grad = torch.zeros_like(student_logits) if needs_grad else None
         for start in range(0, num_counted, chunk_size):
@@ -273,9 +268,7 @@ def _counted_rows(
     return mask.reshape(-1).to(device=device, dtype=torch.bool).nonzero().squeeze(-1)
 
 
-def _check_common(
-    teacher: CachedTeacher, num_counted: int, vocab_size: int, temperature: float, reduction: str
-) -> None:
+def _check_cache(teacher: CachedTeacher, num_counted: int, vocab_size: int) -> None:
     teacher.validate(vocab_size)
     if teacher.num_rows != num_counted:
         raise ValueError(
@@ -283,27 +276,6 @@ def _check_common(
             "counted: the cache must hold exactly one row per counted (mask-true) position, in "
             "order. Was it written with other preprocessing (max_length, packing, loss masks)?"
         )
-    if not (isinstance(temperature, (int, float)) and 0.0 < float(temperature) < math.inf):
-        raise ValueError(f"`temperature` must be a positive finite number, got {temperature}.")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
-
-
-def _reduce(
-    row_values: torch.Tensor,
-    rows: torch.Tensor | None,
-    position_shape: torch.Size,
-    reduction: str,
-) -> torch.Tensor:
-    if reduction == "none":
-        if rows is None:
-            return row_values.reshape(position_shape)
-        full = row_values.new_zeros(math.prod(position_shape))
-        return full.index_copy(0, rows, row_values).reshape(position_shape)
-    total = row_values.sum()
-    if reduction == "sum":
-        return total
-    return total / max(1, row_values.shape[0])
 
 
 def coarsened_divergence(
@@ -337,30 +309,32 @@ def coarsened_divergence(
         fp32 values in nats (float64 for float64 logits). With ``k = V`` they equal the
         full-vocabulary divergence of the registry function on the teacher's logits.
     """
-    spec_divergence = _resolve_divergence(divergence, divergence_params)
+    pointwise = resolve_divergence(divergence, divergence_params)
     if not student_logits.is_floating_point() or student_logits.dim() < 1:
         raise TypeError("`student_logits` must be a floating point tensor (..., V).")
     position_shape = student_logits.shape[:-1]
     vocab_size = student_logits.shape[-1]
     rows = _counted_rows(mask, position_shape, student_logits.device)
-    num_counted = math.prod(position_shape) if rows is None else rows.numel()
-    _check_common(teacher, num_counted, vocab_size, temperature, reduction)
+    _check_cache(teacher, math.prod(position_shape) if rows is None else rows.numel(), vocab_size)
+    if not (isinstance(temperature, (int, float)) and 0.0 < float(temperature) < math.inf):
+        raise ValueError(f"`temperature` must be a positive finite number, got {temperature}.")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
     teacher = teacher.to(student_logits.device)
-    compute_dtype = _compute_dtype(student_logits.dtype)
     row_losses = _CoarsenedDivergenceFunction.apply(
         student_logits.reshape(-1, vocab_size),
         rows,
         teacher.topk_ids.long(),
-        teacher.bucket_log_probs(compute_dtype),
-        spec_divergence,
+        teacher.bucket_log_probs(compute_dtype(student_logits.dtype)),
+        pointwise,
         float(temperature),
         chunk_size or default_chunk_size(vocab_size, student_logits.device),
     )
-    return _reduce(row_losses, rows, position_shape, reduction)
+    return reduce_rows(row_losses, rows, position_shape, reduction)
 
 
 def cached_row_statistics(
@@ -418,160 +392,83 @@ def coarsened_token_statistics(
 # ----------------------------------------------------------------------------- fused variant
 
 
-@dataclass(frozen=True)
-class _CoarsenedSpec:
-    """Everything the tile loop needs besides tensors (read by ``_cross_entropy_and_grad`` too)."""
+class _CachedTeacherChunk(TeacherChunk):
+    """The cached rows `(rows, k)` and buckets `(rows, k + 1)` of one projection tile."""
 
-    divergence: PointwiseDivergence
-    temperature: float
-    student_transform: LogitTransform
-    vocab_size: int
-    chunk_size: int
-    pointwise_rows: int
-    with_labels: bool
-    divergence_weight: float
-    ce_weight: float
-    student_dtype: torch.dtype
+    def __init__(self, topk_ids: torch.Tensor, bucket_log_probs: torch.Tensor) -> None:
+        self.topk_ids, self.bucket_log_probs = topk_ids, bucket_log_probs
 
-
-def _coarsened_tile(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    teacher_buckets: torch.Tensor,
-    labels: torch.Tensor | None,
-    spec: _CoarsenedSpec,
-    compute_grad: bool,
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """Like ``fused_linear._divergence_tile``, against cached buckets instead of teacher logits:
-    the per-row values in ``_PER_ROW_FIELDS`` order (only the divergence without labels) and the
-    gradient with respect to the student's raw logits."""
-    divergence, grad = coarsened_rowwise_loss_and_grad(
-        student_logits,
-        topk_ids,
-        teacher_buckets,
-        spec.divergence,
-        spec.temperature,
-        compute_grad=compute_grad and spec.divergence_weight != 0.0,
-    )
-    per_row: tuple[torch.Tensor, ...] = (divergence,)
-    if spec.with_labels:
-        cross_entropy, student_entropy, grad = _cross_entropy_and_grad(
-            student_logits, labels, grad, spec, compute_grad
+    def divergence_and_grad(
+        self,
+        student_logits: torch.Tensor,
+        part: slice,
+        divergence: PointwiseDivergence,
+        temperature: float,
+        compute_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return coarsened_rowwise_loss_and_grad(
+            student_logits,
+            self.topk_ids[part],
+            self.bucket_log_probs[part],
+            divergence,
+            temperature,
+            compute_grad=compute_grad,
         )
-        statistics = cached_row_statistics(
-            student_logits, topk_ids, teacher_buckets, labels, student_entropy
+
+    def statistics(
+        self,
+        student_logits: torch.Tensor,
+        part: slice,
+        labels: torch.Tensor,
+        student_entropy: torch.Tensor,
+    ) -> TokenStatistics:
+        return cached_row_statistics(
+            student_logits,
+            self.topk_ids[part],
+            self.bucket_log_probs[part],
+            labels,
+            student_entropy,
         )
-        per_row = (divergence, cross_entropy, *(getattr(statistics, f) for f in _STATISTICS))
-    if not compute_grad:
-        return per_row, None
-    if grad is None:
-        grad = torch.zeros_like(student_logits)
-    return per_row, spec.student_transform.grad_to_raw_(grad, student_logits)
 
 
-def _walk_coarsened_tiles(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    topk_ids: torch.Tensor,
-    teacher_buckets: torch.Tensor,
-    labels: torch.Tensor | None,
-    spec: _CoarsenedSpec,
-    needs_grad: tuple[bool, bool, bool],
-    row_grad_weights: torch.Tensor | None,
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
-    """``fused_linear.walk_student_tiles`` against the cached rows: the per-row values
-    (``_PER_ROW_FIELDS``, only the divergence without labels) and the gradients of
-    ``sum_i r_i loss_i`` (``r = row_grad_weights``, 1 if None) for the student's hidden states,
-    head weight and bias, with fp32 (or wider) logits."""
-    device = student_hidden.device
+class CachedTeacherTiles(FusedTeacher):
+    """A cached teacher as the fused kernels' teacher, one row per counted position.
 
-    def teacher_of_chunk(rows: slice) -> TileEvaluator:
-        def evaluate(student_logits, part, absolute, compute_grad):
-            return _coarsened_tile(
-                student_logits,
-                topk_ids[absolute],
-                teacher_buckets[absolute],
-                None if labels is None else labels[absolute],
-                spec,
-                compute_grad,
-            )
+    Args:
+        topk_ids: `(n, k)` int64 cached token ids.
+        bucket_log_probs: `(n, k + 1)` the teacher's coarsened log-probabilities
+            ([`CachedTeacher.bucket_log_probs`][abkd_trainer.divergences.coarsened.CachedTeacher.bucket_log_probs]),
+            in the dtype the student's logits are compared in (fp32, or float64).
+    """
 
-        return evaluate
+    def __init__(self, topk_ids: torch.Tensor, bucket_log_probs: torch.Tensor) -> None:
+        self.topk_ids, self.bucket_log_probs = topk_ids, bucket_log_probs
 
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        return walk_student_tiles(
-            student_hidden, student_weight, student_bias, spec, needs_grad, row_grad_weights,
-            torch.promote_types(spec.student_dtype, torch.float32), teacher_of_chunk,
-        )  # fmt: skip
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bucket_log_probs.dtype
+
+    def chunk_reader(
+        self, settings: TileSettings, num_rows: int
+    ) -> Callable[[slice], TeacherChunk]:
+        def read(rows: slice) -> TeacherChunk:
+            return _CachedTeacherChunk(self.topk_ids[rows], self.bucket_log_probs[rows])
+
+        return read
 
 
-def _row_loss(per_row: tuple[torch.Tensor, ...], spec: _CoarsenedSpec) -> torch.Tensor:
-    if not spec.with_labels:
-        return per_row[0]
-    return spec.divergence_weight * per_row[0] + spec.ce_weight * per_row[1]
-
-
-class _FusedCoarsenedFunction(torch.autograd.Function):
-    """Per-row losses; scalar reductions (``summed``) build the gradients during forward, the
-    per-row output recomputes the tiles in backward with the incoming row weights."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
-        student_bias: torch.Tensor | None,
-        topk_ids: torch.Tensor,
-        teacher_buckets: torch.Tensor,
-        labels: torch.Tensor | None,
-        spec: _CoarsenedSpec,
-        summed: bool,
-    ) -> tuple[torch.Tensor, ...]:
-        needs_grad = tuple(ctx.needs_input_grad[:3]) if summed else (False, False, False)
-        per_row, grads = _walk_coarsened_tiles(
-            student_hidden, student_weight, student_bias, topk_ids, teacher_buckets, labels,
-            spec, needs_grad, row_grad_weights=None,
-        )  # fmt: skip
-        ctx.summed, ctx.spec = summed, spec
-        ctx.input_dtypes = tuple(
-            None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias)
+def _checked_vocab_size(student_weight: torch.Tensor, vocab_size: int | None) -> int:
+    vocab = student_weight.shape[0] if vocab_size is None else vocab_size
+    if (
+        isinstance(vocab, bool)
+        or not isinstance(vocab, int)
+        or not 1 <= vocab <= len(student_weight)
+    ):
+        raise ValueError(
+            f"`vocab_size` must be an integer in [1, {len(student_weight)}] (the head's rows), "
+            f"got {vocab_size!r}."
         )
-        if summed:
-            ctx.save_for_backward(*grads)
-        else:
-            ctx.save_for_backward(
-                student_hidden, student_weight, student_bias, topk_ids, teacher_buckets, labels
-            )
-        details = per_row if spec.with_labels else ()
-        ctx.mark_non_differentiable(*details)
-        row_loss = _row_loss(per_row, spec)
-        return (row_loss.sum() if summed else row_loss, *details)
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor | None, *_unused: torch.Tensor):
-        nones = (None,) * 5
-        if grad_loss is None:
-            return (None, None, None, *nones)
-        if ctx.summed:
-            # In place unless the graph is kept for another backward (retain_graph, gradcheck).
-            keep = backward_keeps_graph()
-            grads = []
-            for stored in ctx.saved_tensors:
-                if stored is not None:
-                    scale = grad_loss.to(stored.dtype)
-                    stored = stored * scale if keep else stored.mul_(scale)
-                grads.append(stored)
-        else:
-            saved = ctx.saved_tensors
-            _, grads = _walk_coarsened_tiles(
-                *saved, ctx.spec, tuple(ctx.needs_input_grad[:3]), row_grad_weights=grad_loss
-            )
-        grads = [
-            None if grad is None else grad.to(dtype)
-            for grad, dtype in zip(grads, ctx.input_dtypes, strict=True)
-        ]
-        return (*grads, *nones)
+    return vocab
 
 
 def fused_linear_coarsened_divergence(
@@ -606,94 +503,27 @@ def fused_linear_coarsened_divergence(
         teacher: one cached row per counted position (``mask``, else ``labels != -100``, else
             every position), in row-major order.
         labels: ``(...)`` next-token targets; when given, returns a
-            :class:`~abkd_trainer.divergences.fused_linear.FusedLinearDistillationOutput` with the
+            :class:`~abkd_trainer.divergences.fused_tiles.FusedLinearDistillationOutput` with the
             cross-entropy and the top-1 agreement with the teacher's first cached id.
 
     Returns:
         The divergence (a tensor, shape ``(...)`` for ``reduction="none"``), or the output tuple.
     """
-    spec_divergence = _resolve_divergence(divergence, divergence_params)
-    _validate_head("student", student_hidden, student_weight, student_bias)
-    position_shape = student_hidden.shape[:-1]
-    vocab = student_weight.shape[0] if vocab_size is None else vocab_size
-    if (
-        isinstance(vocab, bool)
-        or not isinstance(vocab, int)
-        or not 1 <= vocab <= len(student_weight)
-    ):
-        raise ValueError(
-            f"`vocab_size` must be an integer in [1, {len(student_weight)}] (the head's rows), "
-            f"got {vocab_size!r}."
-        )
-    if labels is None and (divergence_weight != 1.0 or ce_weight != 0.0):
-        raise ValueError(
-            "`divergence_weight` and `ce_weight` weight the divergence against the cross-entropy "
-            "on `labels`; pass `labels` (or scale the returned divergence yourself)."
-        )
-    if labels is not None and tuple(labels.shape) != tuple(position_shape):
-        raise ValueError(
-            f"`labels` has shape {tuple(labels.shape)}; expected {tuple(position_shape)}."
-        )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
-    device = student_hidden.device
-    labels_1d = None if labels is None else labels.reshape(-1).to(device)
-    if mask is None and labels_1d is not None:
-        mask = (labels_1d != IGNORE_INDEX).reshape(position_shape)
-    rows = _counted_rows(mask, position_shape, device)
-    hidden_2d = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if rows is not None:
-        hidden_2d = hidden_2d.index_select(0, rows)
-        labels_1d = None if labels_1d is None else labels_1d.index_select(0, rows)
-    _check_common(teacher, hidden_2d.shape[0], vocab, temperature, reduction)
-    if labels_1d is not None and bool(((labels_1d < 0) | (labels_1d >= vocab)).any()):
-        raise ValueError(f"`labels` at counted positions must lie in [0, {vocab}).")
-
-    spec = _CoarsenedSpec(
-        divergence=spec_divergence,
-        temperature=float(temperature),
+    pointwise = resolve_divergence(divergence, divergence_params)
+    validate_head("student", student_hidden, student_weight, student_bias)
+    vocab = _checked_vocab_size(student_weight, vocab_size)
+    options = FusedLossOptions(
+        temperature=temperature,
+        reduction=reduction,
         student_transform=LogitTransform(student_logit_scale, student_logit_softcap),
-        vocab_size=vocab,
-        chunk_size=chunk_size or default_fused_chunk_size(vocab, device),
-        pointwise_rows=_pointwise_rows(vocab, device),
-        with_labels=labels_1d is not None,
-        divergence_weight=float(divergence_weight),
-        ce_weight=float(ce_weight),
-        student_dtype=_gemm_dtype(student_hidden),
+        chunk_size=chunk_size,
+        divergence_weight=divergence_weight,
+        ce_weight=ce_weight,
     )
-    teacher = teacher.to(device)
-    work_dtype = torch.promote_types(spec.student_dtype, torch.float32)
-    inputs = (
-        hidden_2d,
-        student_weight,
-        student_bias,
-        teacher.topk_ids.long(),
-        teacher.bucket_log_probs(work_dtype),
-        labels_1d,
-        spec,
-    )
-    student_params = (hidden_2d, student_weight, student_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student_params):
-        loss, *details = _FusedCoarsenedFunction.apply(*inputs, reduction != "none")
-    else:
-        per_row, _ = _walk_coarsened_tiles(*inputs, (False, False, False), None)
-        loss = _row_loss(per_row, spec)
-        loss = loss if reduction == "none" else loss.sum()
-        details = list(per_row) if spec.with_labels else []
-
-    def reduce(values: torch.Tensor, summed: bool = False) -> torch.Tensor:
-        if summed:
-            return values if reduction == "sum" else values / max(1, hidden_2d.shape[0])
-        return _reduce(values, rows, position_shape, reduction)
-
-    reduced_loss = reduce(loss, summed=reduction != "none")
-    if labels_1d is None:
-        return reduced_loss
-    fields = dict(zip(_PER_ROW_FIELDS, details, strict=True))
-    return FusedLinearDistillationOutput(
-        loss=reduced_loss,
-        num_tokens=torch.tensor(hidden_2d.shape[0], dtype=torch.int64, device=device),
-        **{name: reduce(values) for name, values in fields.items()},
-    )
+    counted = count_rows(student_hidden, mask, labels, vocab, options)
+    _check_cache(teacher, counted.num_rows, vocab)
+    teacher = teacher.to(student_hidden.device)
+    # The buckets in the dtype of the student's logits: fp32 for 16-bit and fp32 models.
+    work_dtype = torch.promote_types(gemm_dtype(student_hidden), torch.float32)
+    tiles = CachedTeacherTiles(teacher.topk_ids.long(), teacher.bucket_log_probs(work_dtype))
+    return fused_tiles_loss(counted, student_weight, student_bias, tiles, pointwise, options, vocab)

@@ -43,6 +43,7 @@ __all__ = [
     "divergence_spec",
     "get_divergence",
     "make_divergence",
+    "resolve_divergence",
 ]
 
 
@@ -137,6 +138,35 @@ def make_divergence(name: str, **params: float) -> PointwiseDivergence:
         return spec.pointwise(**params)
     except TypeError as error:
         raise ValueError(f"Invalid parameters {params} for divergence {name!r}: {error}") from None
+
+
+def resolve_divergence(
+    divergence: str | PointwiseDivergence, divergence_params: Mapping[str, float] | None = None
+) -> PointwiseDivergence:
+    """The pointwise divergence a kernel's `divergence` argument names.
+
+    Args:
+        divergence: a registry name (then built with `divergence_params`) or an object with a
+            `terms_and_weights` method (a `PointwiseDivergence`, already parametrised).
+        divergence_params: keyword parameters of a divergence given by name.
+
+    Raises:
+        ValueError: an unknown name, bad parameters, or parameters for a divergence object.
+        TypeError: neither a name nor a pointwise divergence.
+    """
+    if isinstance(divergence, str):
+        return make_divergence(divergence, **dict(divergence_params or {}))
+    if divergence_params:
+        raise ValueError(
+            "`divergence_params` only applies to a divergence given by name; the divergence "
+            f"object {divergence!r} is already parametrised."
+        )
+    if not callable(getattr(divergence, "terms_and_weights", None)):
+        raise TypeError(
+            "`divergence` must be a name from DIVERGENCE_NAMES or an object with a "
+            f"`terms_and_weights` method, got {divergence!r}."
+        )
+    return divergence
 
 
 def divergence_parameters(config: Any) -> dict[str, float]:

@@ -18,7 +18,7 @@ from divergence_cases import CASE_IDS, DIVERGENCE_CASES, ONE_PER_NAME, ONE_PER_N
 from torch.profiler import ProfilerActivity, profile
 
 import abkd_trainer
-from abkd_trainer.divergences import ab_divergence, fused_linear
+from abkd_trainer.divergences import ab_divergence, fused_tiles
 from abkd_trainer.divergences.fused_linear import (
     ACCELERATOR_PROJECTION_ELEMENTS,
     CPU_PROJECTION_ELEMENTS,
@@ -294,7 +294,7 @@ def test_tiling_changes_nothing(chunk_size, pointwise_rows, monkeypatch):
     """Projection tiles of ``chunk_size`` rows and divergence tiles of ``pointwise_rows`` rows."""
     vocab = 29
     # Per thread; tests run on one (conftest).
-    monkeypatch.setattr(fused_linear, "CPU_POINTWISE_ELEMENTS_PER_THREAD", pointwise_rows * vocab)
+    monkeypatch.setattr(fused_tiles, "CPU_POINTWISE_ELEMENTS_PER_THREAD", pointwise_rows * vocab)
     heads = make_heads(vocab=vocab, seed=5)
     labels = torch.randint(0, vocab, (13,), generator=torch.Generator().manual_seed(5))
     labels[[1, 6]] = -100
@@ -316,7 +316,7 @@ def test_tiling_changes_nothing(chunk_size, pointwise_rows, monkeypatch):
 
     def untiled(h):
         with monkeypatch.context() as patch:
-            patch.setattr(fused_linear, "CPU_POINTWISE_ELEMENTS_PER_THREAD", 10**9)
+            patch.setattr(fused_tiles, "CPU_POINTWISE_ELEMENTS_PER_THREAD", 10**9)
             return run(h, 10**6)
 
     assert_same_values_and_grads(untiled, lambda h: run(h, chunk_size), heads)
