@@ -92,7 +92,7 @@ class _Writer:
         """The cached rows of each example (its supervised positions, in order)."""
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        from abkd_trainer.divergences.fused_linear import _project_into
+        from abkd_trainer.divergences.projection import project_into as _project_into
         from abkd_trainer.lm.batches import next_token_targets
         from abkd_trainer.lm.models import final_hidden_states
 
