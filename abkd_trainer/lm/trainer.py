@@ -22,7 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import EvalPrediction, TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, TrainOutput
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
@@ -661,13 +661,26 @@ class ABKDTrainer(SFTTrainer):
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> TrainOutput:
-        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints, and
-        starting afresh in an ``output_dir`` that holds an earlier run warns (see
-        :func:`abkd_trainer.core.checkpoints.prepare_output_dir`)."""
+        """Trainer's `train`; `resume_from_checkpoint=True` skips incomplete checkpoints, and
+        starting afresh in an `output_dir` that holds an earlier run warns (see
+        `abkd_trainer.core.checkpoints.prepare_output_dir`). Resuming restores the on-policy
+        state too (the adaptive schedule's replay buffer, see `_save_checkpoint`)."""
         resume_from_checkpoint = prepare_output_dir(
             self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
         )
+        if resume_from_checkpoint is not None and self.on_policy is not None:
+            self.on_policy.load_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, with the on-policy state written first: Trainer writes
+        `trainer_state.json`, which marks a checkpoint complete, last, so a complete checkpoint
+        holds that state too."""
+        if self.on_policy is not None:
+            checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            run_dir = self._get_output_dir(trial=trial)
+            self.on_policy.save_state(os.path.join(run_dir, checkpoint_folder))
+        super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------ saving and the Hub
 

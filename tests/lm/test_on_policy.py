@@ -13,7 +13,9 @@ from abkd_trainer.lm.on_policy import (
     ReplayBuffer,
     build_completion_batch,
     extract_prompts,
+    load_replay_buffer,
     prompt_lengths,
+    save_replay_buffer,
 )
 
 X = -100  # not supervised
@@ -67,6 +69,35 @@ def test_replay_buffer_keeps_the_latest_pairs_and_samples_reproducibly():
     assert [p.item() for p in again] == [p.item() for p in prompts]
     with pytest.raises(ValueError, match="buffer of 3"):
         buffer.sample(4, random.Random(0))
+
+
+def test_replay_buffer_round_trips_through_a_checkpoint_file(tmp_path):
+    buffer = ReplayBuffer(capacity=3)
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6])]
+    completions = [torch.tensor([7]), torch.tensor([8, 9, 10, 11]), torch.tensor([12, 13])]
+    buffer.add(prompts, completions)
+    path = save_replay_buffer(buffer, tmp_path / "checkpoint-4", process_index=1)
+    assert path.name == "replay_buffer_1.safetensors"
+
+    restored = ReplayBuffer(capacity=3)
+    assert load_replay_buffer(restored, tmp_path / "checkpoint-4", process_index=1)
+    assert len(restored) == 3 and restored.is_full
+    # The same pairs in the same order: the same draws replay the same samples.
+    for original, loaded in zip(
+        buffer.sample(3, random.Random(5)), restored.sample(3, random.Random(5)), strict=True
+    ):
+        assert [t.tolist() for t in original] == [t.tolist() for t in loaded]
+    # Eviction continues from the restored order: the oldest pair goes first.
+    restored.add([torch.tensor([99])], [torch.tensor([98])])
+    kept, _ = restored.sample(3, random.Random(0))
+    assert sorted(p.tolist() for p in kept) == [[4], [5, 6], [99]]
+
+    empty = ReplayBuffer(capacity=2)
+    save_replay_buffer(empty, tmp_path / "empty", process_index=0)
+    assert load_replay_buffer(restored, tmp_path / "empty", process_index=0)
+    assert len(restored) == 0
+    with pytest.warns(UserWarning, match="no replay buffer for process 0.*restarts empty"):
+        assert not load_replay_buffer(restored, tmp_path / "nowhere", process_index=0)
 
 
 def draw_counts(schedule, steps, max_steps, full=True):

@@ -510,6 +510,35 @@ def test_resume_restores_the_schedule_and_continues_the_trajectory(tmp_path):
         assert observed_losses[step] == pytest.approx(expected_losses[step], rel=1e-6, abs=1e-7)
 
 
+def test_resume_restores_the_replay_buffer_and_continues_the_trajectory(tmp_path):
+    def replaying_trainer(output_dir):
+        trainer, _ = adaptive_trainer(
+            output_dir,
+            lmbda=1.0,
+            replay_buffer_size=4,
+            max_steps=8,
+            save_strategy="steps",
+            save_steps=4,
+        )
+        return trainer
+
+    uninterrupted = replaying_trainer(tmp_path / "full")
+    uninterrupted.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "replay_buffer_0.safetensors").is_file()
+    replayed = step_logs(uninterrupted, "replay_fraction")
+    # The steps after the checkpoint replay samples drawn before it (the buffer was full).
+    assert any(replayed[step] > 0 for step in (5, 6, 7, 8))
+
+    resumed = replaying_trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert step_logs(resumed, "replay_buffer_size")[5] == 4.0  # full at once, not refilling
+    expected, observed = step_logs(uninterrupted, "loss"), step_logs(resumed, "loss")
+    for step in (5, 6, 7, 8):
+        assert step_logs(resumed, "replay_fraction")[step] == replayed[step]
+        assert observed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+
+
 # ------------------------------------------------------------------ model card
 
 

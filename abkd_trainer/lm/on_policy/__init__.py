@@ -26,7 +26,12 @@ from abkd_trainer.lm.on_policy.prompts import (
     extract_prompts,
     prompt_lengths,
 )
-from abkd_trainer.lm.on_policy.replay import ReplayBuffer
+from abkd_trainer.lm.on_policy.replay import (
+    REPLAY_BUFFER_FILE,
+    ReplayBuffer,
+    load_replay_buffer,
+    save_replay_buffer,
+)
 from abkd_trainer.lm.on_policy.schedule import BatchSource, OnPolicySchedule
 from abkd_trainer.lm.on_policy.setup import (
     build_on_policy_batches,
@@ -35,6 +40,7 @@ from abkd_trainer.lm.on_policy.setup import (
 )
 
 __all__ = [
+    "REPLAY_BUFFER_FILE",
     "BatchSource",
     "OnPolicyBatches",
     "OnPolicySchedule",
@@ -44,6 +50,8 @@ __all__ = [
     "build_on_policy_schedule",
     "check_dataset_has_prompts",
     "extract_prompts",
+    "load_replay_buffer",
     "on_policy_settings",
     "prompt_lengths",
+    "save_replay_buffer",
 ]

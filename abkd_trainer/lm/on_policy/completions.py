@@ -12,7 +12,7 @@ import torch
 
 from abkd_trainer.lm.generation import CompletionSampler
 from abkd_trainer.lm.on_policy.prompts import build_completion_batch, extract_prompts
-from abkd_trainer.lm.on_policy.replay import ReplayBuffer
+from abkd_trainer.lm.on_policy.replay import ReplayBuffer, load_replay_buffer, save_replay_buffer
 from abkd_trainer.lm.on_policy.schedule import BatchSource, OnPolicySchedule
 
 if TYPE_CHECKING:
@@ -59,6 +59,25 @@ class OnPolicyBatches:
         self.replay_buffer = ReplayBuffer(replay_buffer_size)
         self.accelerator = accelerator
         self._sums = torch.zeros(len(_METRIC_SUMS), dtype=torch.float64)
+
+    def save_state(self, checkpoint_dir: str) -> None:
+        """Write the state a resumed run needs into `checkpoint_dir`, on every process.
+
+        That is the replay buffer (adaptive schedule); the schedule's own state travels in
+        `trainer_state.json`, and sampling keeps no state (its seeds are functions of the run's
+        seed and the step). Call it on every process before Trainer's checkpoint files: it ends
+        once every process has written its file.
+        """
+        if not self.schedule().is_adaptive:
+            return
+        save_replay_buffer(self.replay_buffer, checkpoint_dir, self.accelerator.process_index)
+        # trainer_state.json (rank 0) marks the checkpoint complete: only after every buffer.
+        self.accelerator.wait_for_everyone()
+
+    def load_state(self, checkpoint_dir: str) -> None:
+        """Restore what `save_state` wrote into `checkpoint_dir` (a warning if it is missing)."""
+        if self.schedule().is_adaptive:
+            load_replay_buffer(self.replay_buffer, checkpoint_dir, self.accelerator.process_index)
 
     def replace_completions(
         self, batches: list[dict[str, Any]], step: int, max_steps: int
