@@ -2,7 +2,10 @@
 
 The tables list the fields `ABKDConfig` adds to TRL's `SFTConfig` and the script arguments
 `abkd-train` adds to TRL's `ScriptArguments`, with their types, defaults and `help` metadata,
-so the documentation cannot drift from `abkd-train --help`. The generated section sits between
+so the documentation cannot drift from `abkd-train --help`. When a config class's docstring
+documents its fields in titled groups (`Parameters: Distillation objective`, one entry per
+field, as the API reference renders them), the table is split into those groups, in that
+order; fields in no group follow under "Other fields". The generated section sits between
 two marker lines of `docs/reference/configuration.md` (the page's title and introduction stay
 as written). Usage:
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -74,6 +79,41 @@ def _table(cls: type, fields: list[dataclasses.Field]) -> list[str]:
     return lines
 
 
+# A titled group of fields in a config class's docstring (Google style, as mkdocstrings renders
+# it): a `Parameters: <title>` line, then one `name: ...` entry per field, indented.
+GROUP_TITLE = re.compile(r"^(?:Parameters|Args|Attributes): (?P<title>\S.*)$")
+GROUP_ENTRY = re.compile(r"^    (?P<name>\w+)\b[^:]*:")
+
+
+def field_groups(cls: type) -> list[tuple[str, list[str]]]:
+    """`(title, field names)` of the titled `Parameters:` sections of `cls`'s docstring."""
+    groups: list[tuple[str, list[str]]] = []
+    for line in inspect.getdoc(cls).splitlines() if cls.__doc__ else []:
+        if title := GROUP_TITLE.match(line):
+            groups.append((title.group("title").strip(), []))
+        elif groups and (entry := GROUP_ENTRY.match(line)):
+            groups[-1][1].append(entry.group("name"))
+        elif groups and line and not line.startswith(" "):
+            groups.append(("", []))  # the section ended; later entries are not in a group
+    return [(title, names) for title, names in groups if title and names]
+
+
+def grouped_tables(cls: type, fields: list[dataclasses.Field]) -> list[str]:
+    """One table, or with titled groups in the docstring one titled table per group."""
+    groups = field_groups(cls)
+    if not groups:
+        return _table(cls, fields)
+    by_name = {f.name: f for f in fields}
+    grouped = {name for _, names in groups for name in names}
+    others = [f for f in fields if f.name not in grouped]
+    lines: list[str] = []
+    for title, names in groups + ([("Other fields", [f.name for f in others])] if others else []):
+        members = [by_name[name] for name in names if name in by_name]
+        if members:
+            lines += [f"### {title}", "", *_table(cls, members), ""]
+    return lines[:-1]
+
+
 def render_config_reference() -> str:
     """The generated section of the reference page, markers included."""
     from trl import ScriptArguments, SFTConfig
@@ -89,7 +129,7 @@ def render_config_reference() -> str:
         "every SFT and Trainer argument also applies; `abkd-train --help` lists them all. The "
         "fields ABKD adds:",
         "",
-        *_table(ABKDConfig, _own_fields(ABKDConfig, SFTConfig)),
+        *grouped_tables(ABKDConfig, _own_fields(ABKDConfig, SFTConfig)),
         "",
         "`abkd-train` also takes TRL's `ScriptArguments` (`--dataset_config`, "
         "`--dataset_train_split`, `--dataset_test_split`, ...) and `ModelConfig` "

@@ -184,3 +184,41 @@ def test_command_line_check_fails_on_old_markup(tmp_path, markup, capsys):
     assert "module.py:1:" in capsys.readouterr().out
     assert syntax.main(["--fix", str(path)]) == 0
     assert syntax.main([str(path)]) == 0
+
+
+# ----------------------------------------------------------------------------- config reference
+
+
+def test_config_reference_splits_fields_into_the_docstrings_titled_groups():
+    import dataclasses
+
+    reference = load_script("scripts/generate_config_reference.py", "generate_config_reference")
+
+    @dataclasses.dataclass
+    class Grouped:
+        """A config.
+
+        Parameters: The objective
+            beta: its beta.
+            alpha: its alpha.
+
+        Parameters: The teacher
+            teacher: its name.
+
+        Plain text after the groups.
+        """
+
+        alpha: float = dataclasses.field(default=0.2, metadata={"help": "Alpha."})
+        beta: float = dataclasses.field(default=0.7, metadata={"help": "Beta."})
+        teacher: str = dataclasses.field(default="t", metadata={"help": "Teacher."})
+        seed: int = dataclasses.field(default=0, metadata={"help": "Seed."})
+
+    assert reference.field_groups(Grouped) == [
+        ("The objective", ["beta", "alpha"]),
+        ("The teacher", ["teacher"]),
+    ]
+    lines = reference.grouped_tables(Grouped, dataclasses.fields(Grouped))
+    headings = [line for line in lines if line.startswith("### ")]
+    assert headings == ["### The objective", "### The teacher", "### Other fields"]
+    flags = [line.split(" | ")[0] for line in lines if line.startswith("| `--")]
+    assert flags == ["| `--beta`", "| `--alpha`", "| `--teacher`", "| `--seed`"]
