@@ -123,18 +123,16 @@ class ClassifierDistillationCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         column = self._raw_column(examples[0])
         batch = self._side(examples, self.processing_class, "", column)
-        if self.teacher_processing_class is not None:
-            if column is None:
-                raise ValueError(
-                    "`teacher_processing_class` builds the teacher's inputs from the raw input "
-                    f"(a column among {', '.join(RAW_INPUT_COLUMNS)}, or `input_column`), but the "
-                    f"examples only have {sorted(examples[0])}. Keep the raw column in the "
-                    "dataset, or store the teacher's processed inputs as `teacher_<name>` "
-                    "columns and pass no teacher_processing_class."
-                )
-            teacher = self._side(examples, self.teacher_processing_class, TEACHER_PREFIX, column)
-        else:
-            teacher = self._side(examples, None, TEACHER_PREFIX, None)
+        teacher = self._side(examples, self.teacher_processing_class, TEACHER_PREFIX, column)
+        if self.teacher_processing_class is not None and not teacher:
+            raise ValueError(
+                "`teacher_processing_class` builds the teacher's inputs from the raw input (a "
+                f"column among {', '.join(RAW_INPUT_COLUMNS)}, or `input_column`) or pads "
+                f"`teacher_<name>` features, but the examples have neither: "
+                f"{sorted(examples[0])}. Keep the raw column in the dataset (and "
+                "`remove_unused_columns=False` with your own collator), or pass no "
+                "teacher_processing_class to let the teacher share the student's inputs."
+            )
         batch.update({f"{TEACHER_PREFIX}{key}": value for key, value in teacher.items()})
         labels = _labels(examples)
         if labels is not None:

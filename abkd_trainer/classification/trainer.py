@@ -479,12 +479,8 @@ def as_classifier_config(
 ) -> ABKDClassifierConfig:
     """`args` as an `ABKDClassifierConfig` (a `TrainingArguments` keeps its values)."""
     if args is None:
-        name = (
-            model
-            if isinstance(model, str)
-            else getattr(getattr(model, "config", None), "_name_or_path", "")
-        )
-        return ABKDClassifierConfig(f"{str(name or 'student').split('/')[-1]}-ABKD")
+        name = model if isinstance(model, str) else model_name(model) if model else "student"
+        return ABKDClassifierConfig(f"{name.rstrip('/').split('/')[-1]}-ABKD")
     if isinstance(args, ABKDClassifierConfig):
         return args
     if isinstance(args, TrainingArguments):

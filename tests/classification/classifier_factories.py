@@ -123,8 +123,10 @@ def build_bert_classifier(
     seed: int = 0,
     initializer_range: float = 0.02,
     pad_token_id: int = 0,
+    **config_overrides: Any,
 ) -> BertForSequenceClassification:
-    """A tiny BERT sequence classifier for the vocabulary of `vocab_size` tokens."""
+    """A tiny BERT sequence classifier for the vocabulary of `vocab_size` tokens
+    (`config_overrides` go to `BertConfig`, e.g. `hidden_dropout_prob=0.0`)."""
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -136,6 +138,7 @@ def build_bert_classifier(
         initializer_range=initializer_range,
         pad_token_id=pad_token_id,
         **label_maps(class_names),
+        **config_overrides,
     )
     return _seeded(lambda: BertForSequenceClassification(config), seed)
 
@@ -251,3 +254,20 @@ def build_image_trainer(
         eval_dataset=eval_dataset,
         **(trainer_kwargs or {}),
     )
+
+
+def build_reversed_byte_tokenizer() -> Any:
+    """A byte-level tokenizer like `testing_utils.build_tiny_tokenizer` whose byte ids run
+    backwards (byte symbol `i` has id `255 - i`): the same text gets other ids, as with a
+    teacher that has its own vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: len(byte_symbols) - 1 - index for index, symbol in enumerate(byte_symbols)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>")
+    tokenizer.model_max_length = 128
+    return tokenizer

@@ -1,0 +1,96 @@
+"""ABKDClassifierConfig: defaults, checks at construction, and the public import."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from classifier_factories import build_image_trainer, classifier_training_kwargs
+from transformers import HfArgumentParser, TrainingArguments
+
+import abkd_trainer
+from abkd_trainer import ABKDClassifierConfig, ABKDClassifierTrainer
+
+
+def test_public_names_are_exported_lazily():
+    assert "ABKDClassifierTrainer" in dir(abkd_trainer)
+    assert abkd_trainer.ABKDClassifierConfig.__module__ == "abkd_trainer.classification.config"
+    assert abkd_trainer.ABKDClassifierTrainer.__module__ == "abkd_trainer.classification.trainer"
+
+
+def test_defaults(tmp_path):
+    config = ABKDClassifierConfig(str(tmp_path))
+    assert (config.divergence, config.alpha, config.beta) == ("ab", 0.8, 0.3)
+    assert (config.temperature, config.kd_weight, config.ce_weight) == (4.0, 1.0, 1.0)
+    assert config.ab_warmup_ratio == 0.0
+    assert config.logit_standardization is False
+    assert config.label_names == ["labels"]
+    # TrainingArguments' own defaults are kept (fp32 training).
+    assert config.bf16 is False and config.fp16 is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kd_weight": -1.0}, r"`kd_weight` must be >= 0"),
+        ({"ce_weight": float("nan")}, r"`ce_weight` must be finite"),
+        ({"kd_weight": 0.0, "ce_weight": 0.0}, r"both 0"),
+        ({"temperature": 0.0}, r"`temperature` must be > 0"),
+        ({"divergence": "kl"}, r"`divergence` must be one of"),
+        ({"ab_warmup_ratio": 2.0}, r"`ab_warmup_ratio` must be in \[0, 1\]"),
+        ({"teacher_model_init_kwargs": "bf16"}, r"`teacher_model_init_kwargs` must be a dict"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ABKDClassifierConfig(str(tmp_path), **overrides)
+
+
+def test_init_kwargs_parse_from_json_strings(tmp_path):
+    config = ABKDClassifierConfig(
+        str(tmp_path),
+        teacher_model_init_kwargs='{"dtype": "bfloat16"}',
+        model_init_kwargs='{"num_labels": 10}',
+    )
+    assert config.teacher_model_init_kwargs == {"dtype": "bfloat16"}
+    assert config.model_init_kwargs == {"num_labels": 10}
+
+
+def test_command_line_flags_are_the_fields(tmp_path):
+    (config,) = HfArgumentParser(ABKDClassifierConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--kd_weight",
+            "12.5",
+            "--ce_weight",
+            "0.5",
+            "--logit_standardization",
+            "true",
+            "--divergence",
+            "fkl",
+        ]
+    )
+    assert (config.kd_weight, config.ce_weight, config.divergence) == (12.5, 0.5, "fkl")
+    assert config.logit_standardization is True
+    help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config)}
+    assert "lambda * T**2" in help_text["kd_weight"]
+
+
+def test_training_arguments_are_converted(tmp_path):
+    args = TrainingArguments(**classifier_training_kwargs(tmp_path, learning_rate=0.125))
+    trainer = build_image_trainer(tmp_path)
+    converted = ABKDClassifierTrainer(
+        model=trainer.model,
+        teacher_model=trainer.teacher_model,
+        args=args,
+        train_dataset=trainer.train_dataset,
+    ).args
+    assert isinstance(converted, ABKDClassifierConfig)
+    assert converted.learning_rate == 0.125
+    assert converted.alpha == 0.8  # the classifier defaults fill the rest
+
+
+def test_config_docstring_maps_hintons_kd():
+    assert "kd_weight = lambda * T**2" in ABKDClassifierConfig.__doc__
+    assert "ce_weight = 1 - lambda" in ABKDClassifierConfig.__doc__
