@@ -7,7 +7,11 @@ beta) warm-up and schedule), the temperature, the weights of the divergence and 
 cross-entropy, and the metric sums logged beside the loss. Both trainers call it:
 
 - the causal-LM trainer on `(batch, seq, vocab)` logits with next-token targets (`-100` where not
-  supervised), on a cached top-k teacher, or from hidden states and LM heads (fused routes);
+  supervised), against teacher logits or a cached top-k teacher
+  ([`loss_from_logits`][abkd_trainer.core.objective.DistillationObjective.loss_from_logits]), or
+  from the student's final hidden states and LM head against the teacher's or the cache, without
+  building either logits tensor (the fused routes,
+  [`loss_from_hidden_states`][abkd_trainer.core.objective.DistillationObjective.loss_from_hidden_states]);
 - the classifier trainer on `(batch, num_labels)` logits with `(batch,)` labels.
 
 The objective returns *sums* over the counted rows (tokens, or examples). Dividing by the count of
@@ -35,7 +39,11 @@ from abkd_trainer.divergences.coarsened import (
     CachedTeacher,
     coarsened_divergence,
     coarsened_token_statistics,
+    fused_linear_coarsened_divergence,
 )
+from abkd_trainer.divergences.fused_linear import fused_linear_divergence
+from abkd_trainer.divergences.fused_tiles import FusedLinearDistillationOutput
+from abkd_trainer.divergences.projection import LogitTransform
 from abkd_trainer.divergences.registry import DivergenceSpec, divergence_spec
 from abkd_trainer.divergences.statistics import token_statistics
 
@@ -43,6 +51,8 @@ __all__ = [
     "IGNORE_INDEX",
     "METRIC_SUMS",
     "DistillationObjective",
+    "HiddenStates",
+    "LinearHead",
     "ObjectiveOutput",
     "standardize_logits",
 ]
@@ -82,6 +92,36 @@ class ObjectiveOutput:
     sums: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class LinearHead:
+    """A model's output head: its logits are `transform(hidden @ weight.T + bias)`.
+
+    Attributes:
+        weight: `(V_head, H)` the head's weight (`lm_head.weight`); rows from the objective's
+            `vocab_size` on (padding) are ignored.
+        bias: `(V_head,)` or None.
+        transform: what the model does to the projection before its softmax (logit scale,
+            soft-capping), e.g. `LogitTransform.from_config(model.config)`.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    transform: LogitTransform = LogitTransform()
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """A model's final hidden states (after the last norm) and the head that reads them.
+
+    Attributes:
+        hidden: `(..., H)` hidden states at the positions of the targets.
+        head: the model's output head.
+    """
+
+    hidden: torch.Tensor
+    head: LinearHead
+
+
 def standardize_logits(logits: torch.Tensor, eps: float = STANDARDIZATION_EPS) -> torch.Tensor:
     """Z-score each logit row (the logit standardisation of Sun et al., CVPR 2024; ABLSD).
 
@@ -113,7 +153,8 @@ class DistillationObjective:
             None keeps `parameters` fixed.
         vocab_size: the number of real classes (the tokenizer's length); wider logits (padded LM
             heads) are cut to it. None uses every column.
-        chunk_size: rows per chunk of the memory-efficient kernels; None picks one from the width.
+        chunk_size: rows per chunk of the memory-efficient kernels (per projection tile on the
+            fused routes); None picks one from the width.
         logit_standardization: z-score each teacher and student logit row before the
             temperature (LSD / ABLSD). Only the logits routes support it.
     """
@@ -132,7 +173,7 @@ class DistillationObjective:
         logit_standardization: bool = False,
     ) -> None:
         self.spec: DivergenceSpec = divergence_spec(divergence)
-        if alpha_beta_schedule is not None and divergence != "ab":
+        if alpha_beta_schedule is not None and not self.spec.scheduled:
             raise ValueError(
                 f"An (alpha, beta) schedule needs divergence='ab', got {divergence!r}."
             )
@@ -171,7 +212,7 @@ class DistillationObjective:
             vocab_size, chunk_size, logit_standardization: as in the constructor.
         """
         schedule = None
-        if args.divergence == "ab":
+        if divergence_spec(args.divergence).scheduled:
 
             def schedule(step: int, total_steps: int) -> tuple[float, float]:
                 return scheduled_alpha_beta(args, step, total_steps)
@@ -280,6 +321,81 @@ class DistillationObjective:
         }
         return ObjectiveOutput(self.weighted_sum(kd_sum, ce_sum), sums)
 
+    def loss_from_hidden_states(
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates | CachedTeacher,
+        targets: torch.Tensor,
+        divergence_params: Mapping[str, float],
+    ) -> ObjectiveOutput:
+        """The objective from final hidden states and heads, never building the logits.
+
+        The values of `loss_from_logits` on the logits the heads would produce, computed a tile
+        of rows at a time by the fused kernels
+        ([`fused_linear_divergence`][abkd_trainer.divergences.fused_linear.fused_linear_divergence],
+        [`fused_linear_coarsened_divergence`][abkd_trainer.divergences.coarsened.fused_linear_coarsened_divergence]),
+        which also build the student's gradients during this call. Under DeepSpeed ZeRO-3, call
+        it with the heads gathered and inside the student's forward.
+
+        Args:
+            student: the student's `(..., H_s)` hidden states and head; receives the gradient.
+            teacher: the teacher's `(..., H_t)` hidden states and head at the same positions (a
+                constant target), or the cached teacher of the counted rows.
+            targets: `(...)` integer class ids, `IGNORE_INDEX` where a row is not counted.
+            divergence_params: from `divergence_params(step, total_steps)`.
+
+        Returns:
+            The summed objective and the metric sums over the counted rows.
+
+        Raises:
+            ValueError: with `logit_standardization`, which needs whole logit rows.
+        """
+        if self.logit_standardization:
+            raise ValueError(
+                "logit_standardization z-scores whole logit rows, which the fused routes never "
+                "build; compute the objective from logits (`loss_from_logits`) instead."
+            )
+        arguments = self._fused_kernel_arguments(student, targets, divergence_params)
+        if isinstance(teacher, CachedTeacher):
+            output = fused_linear_coarsened_divergence(
+                student.hidden, student.head.weight, teacher, **arguments
+            )
+        else:
+            output = fused_linear_divergence(
+                student.hidden,
+                student.head.weight,
+                teacher.hidden.to(student.hidden.device),
+                teacher.head.weight,
+                teacher_bias=teacher.head.bias,
+                teacher_logit_scale=teacher.head.transform.scale,
+                teacher_logit_softcap=teacher.head.transform.softcap,
+                **arguments,
+            )
+        return ObjectiveOutput(output.loss, _fused_output_sums(output))
+
+    def _fused_kernel_arguments(
+        self,
+        student: HiddenStates,
+        targets: torch.Tensor,
+        divergence_params: Mapping[str, float],
+    ) -> dict[str, Any]:
+        # What both fused kernels (live and cached teacher) take from the objective and the
+        # student: the summed, weighted objective with the cross-entropy on the targets.
+        return {
+            "divergence": self.divergence,
+            "divergence_params": divergence_params,
+            "temperature": self.temperature,
+            "labels": targets.to(student.hidden.device),
+            "reduction": "sum",
+            "student_bias": student.head.bias,
+            "student_logit_scale": student.head.transform.scale,
+            "student_logit_softcap": student.head.transform.softcap,
+            "vocab_size": self.vocab_size,
+            "divergence_weight": self.divergence_weight,
+            "ce_weight": self.ce_weight,
+            "chunk_size": self.chunk_size,
+        }
+
     def _real_columns(self, logits: torch.Tensor) -> torch.Tensor:
         # A no-op view when the widths already match, so the logits stay contiguous and the
         # divergence kernel reads them without a copy.
@@ -298,3 +414,16 @@ class DistillationObjective:
             rows = counted.nonzero(as_tuple=True)
             dtype = torch.promote_types(student_logits.dtype, torch.float32)
             return F.cross_entropy(student_logits[rows].to(dtype), targets[rows], reduction="sum")
+
+
+def _fused_output_sums(output: FusedLinearDistillationOutput) -> dict[str, torch.Tensor]:
+    """The `METRIC_SUMS` of a fused kernel's summed output (live or cached teacher alike)."""
+    return {
+        "kd_loss": output.divergence,
+        "ce_loss": output.cross_entropy,
+        "teacher_agreement": output.teacher_agreement,
+        "student_entropy": output.student_entropy,
+        "teacher_entropy": output.teacher_entropy,
+        "mean_token_accuracy": output.token_accuracy,
+        "num_supervised": output.num_tokens,
+    }

@@ -79,6 +79,11 @@ class DivergenceSpec:
         """
         return {param: getattr(config, name) for param, name in self.parameter_fields.items()}
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the (alpha, beta) warm-up and schedule move this divergence's parameters."""
+        return bool(self.schedule_fields)
+
 
 _SPECS = (
     DivergenceSpec(

@@ -40,14 +40,16 @@ from abkd_trainer.core.model_card import (
     hub_id_or_name,
 )
 from abkd_trainer.core.numerics import check_finite_step
-from abkd_trainer.core.objective import DistillationObjective
+from abkd_trainer.core.objective import (
+    METRIC_SUMS,
+    DistillationObjective,
+    HiddenStates,
+    LinearHead,
+)
 from abkd_trainer.core.schedules import effective_warmup_ratio, scheduled_alpha_beta
 from abkd_trainer.divergences import get_divergence
-from abkd_trainer.divergences.coarsened import (
-    CachedTeacher,
-    fused_linear_coarsened_divergence,
-)
-from abkd_trainer.divergences.fused_linear import fused_linear_divergence
+from abkd_trainer.divergences.coarsened import CachedTeacher
+from abkd_trainer.divergences.registry import divergence_config_fields
 from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
 from abkd_trainer.lm.compatibility import check_position_limits
 from abkd_trainer.lm.config import ABKDConfig
@@ -82,26 +84,10 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-# Divergence name -> {keyword of the divergence function: ABKDConfig field holding its value}.
-# (The AB pair follows abkd_trainer.core.schedules; see current_alpha_beta.)
-_DIVERGENCE_CONFIG_FIELDS: dict[str, dict[str, str]] = {
-    "ab": {"alpha": "alpha", "beta": "beta"},
-    "jsd": {"beta": "jsd_beta"},
-    "sfkl": {"skew_lambda": "skew_lambda"},
-    "srkl": {"skew_lambda": "skew_lambda"},
-}
-# Per-mode running sums behind the logged metrics, in this order: per-supervised-token sums (logged
-# as their mean over the supervised tokens of the logging period), then the two token counts.
-_METRIC_SUMS = (
-    "kd_loss",
-    "ce_loss",
-    "teacher_agreement",
-    "student_entropy",
-    "teacher_entropy",
-    "mean_token_accuracy",
-    "num_supervised",
-    "num_input_tokens",
-)
+# Per-mode running sums behind the logged metrics, in this order: the objective's per-supervised-
+# token sums (logged as their mean over the supervised tokens of the logging period), then the two
+# token counts.
+_METRIC_SUMS = (*METRIC_SUMS, "num_input_tokens")
 _TOKEN_AVERAGED_METRICS = _METRIC_SUMS[:-2]
 
 
@@ -363,15 +349,17 @@ class ABKDTrainer(SFTTrainer):
     # ------------------------------------------------------------------ loss
 
     def current_alpha_beta(self) -> tuple[float, float]:
-        """``(alpha, beta)`` at the current global step (see :mod:`abkd_trainer.core.schedules`)."""
-        return scheduled_alpha_beta(self.args, self.state.global_step, self.state.max_steps)
+        """`(alpha, beta)` at the current global step, with the warm-up and schedule applied
+        (see `abkd_trainer.core.schedules`). Another divergence than `"ab"` does not use them;
+        for it this is what the configuration's (alpha, beta) fields would give."""
+        if not self.objective.spec.scheduled:
+            return scheduled_alpha_beta(self.args, self.state.global_step, self.state.max_steps)
+        params = self._divergence_params()
+        return params["alpha"], params["beta"]
 
     def _divergence_params(self) -> dict[str, float]:
-        if self.args.divergence == "ab":
-            alpha, beta = self.current_alpha_beta()
-            return {"alpha": alpha, "beta": beta}
-        fields = _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {})
-        return {param: getattr(self.args, field) for param, field in fields.items()}
+        """The divergence's keyword parameters at the current global step (from the objective)."""
+        return self.objective.divergence_params(self.state.global_step, self.state.max_steps)
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
@@ -405,6 +393,9 @@ class ABKDTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The distillation loss of one micro-batch: both models' forwards, the objective
+        (`self.objective`), normalised by the supervised tokens of the accumulated batch, and the
+        logged sums recorded."""
         mode = "train" if self.model.training else "eval"
         cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
         targets = next_token_targets(inputs)
@@ -423,39 +414,32 @@ class ABKDTrainer(SFTTrainer):
             and self.compute_metrics is not None
             and not self.args.prediction_loss_only
         )
+        student_outputs = None
         if self.args.use_fused_loss and not wants_logits:
-            unwrapped_student = self.accelerator.unwrap_model(model)
-            # The redirection swaps out the student's forward, and with it the autocast that
-            # accelerate wrapped around it (bf16 / fp16): restore it for both decoders and the
-            # heads, so that both loss paths compute in the same precision.
-            with self.accelerator.autocast():
-                loss, sums = self._forward_redirection(
-                    model,
-                    unwrapped_student,
-                    self._fused_distillation_loss
-                    if cached_teacher is None
-                    else self._fused_cached_teacher_loss,
-                    unwrapped_student,
-                    model_inputs,
-                    targets,
-                    num_items_in_batch,
-                    divergence_params,
-                    *(() if cached_teacher is None else (cached_teacher,)),
-                )
-            student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
-        else:
-            student_outputs = model(**model_inputs)
-            teacher_logits = cached_teacher
-            if cached_teacher is None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher_model(**model_inputs).logits
-            loss, sums = self._distillation_loss(
-                student_outputs.logits,
-                teacher_logits,
-                targets,
-                num_items_in_batch,
-                divergence_params,
+            loss_sum, sums = self._fused_objective(
+                model, model_inputs, targets, divergence_params, cached_teacher
             )
+        else:
+            student_outputs, teacher = self._logits_forwards(model, model_inputs, cached_teacher)
+            output = self.objective.loss_from_logits(
+                student_outputs.logits, teacher, targets, divergence_params
+            )
+            loss_sum, sums = output.loss_sum, output.sums
+        loss = self._normalise(loss_sum, sums["num_supervised"], num_items_in_batch)
+        self._record(mode, loss, sums, inputs, divergence_params)
+        if student_outputs is None:
+            student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
+        return (loss, student_outputs) if return_outputs else loss
+
+    def _record(
+        self,
+        mode: str,
+        loss: torch.Tensor,
+        sums: dict[str, torch.Tensor],
+        inputs: dict[str, Any],
+        divergence_params: dict[str, float],
+    ) -> None:
+        """Check that the step is finite and add its sums to the logged ones."""
         # Before backward and the optimizer step: a NaN must never reach the student's weights.
         check_finite_step(
             teacher_entropy_sum=sums["teacher_entropy"],
@@ -468,7 +452,6 @@ class ABKDTrainer(SFTTrainer):
             sums["num_input_tokens"] = input_token_count(inputs)
         self._add_metric_sums(mode, sums)
         self._last_divergence_params[mode] = divergence_params
-        return (loss, student_outputs) if return_outputs else loss
 
     def _add_metric_sums(self, mode: str, sums: dict[str, torch.Tensor]) -> None:
         """Add one micro-batch's sums (names from ``_METRIC_SUMS``; missing ones count 0)."""
@@ -481,136 +464,92 @@ class ABKDTrainer(SFTTrainer):
             [sums[name].detach().to(totals) if name in sums else zero for name in _METRIC_SUMS]
         )
 
-    def _distillation_loss(
+    def _logits_forwards(
         self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | CachedTeacher,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        cached_teacher: CachedTeacher | None,
+    ) -> tuple[Any, torch.Tensor | CachedTeacher]:
+        """The student's outputs (with `(batch, seq, V_student)` logits) and the teacher: its
+        `(batch, seq, V_teacher)` logits, or the cached teacher of the supervised positions."""
+        student_outputs = model(**model_inputs)
+        if cached_teacher is not None:
+            return student_outputs, cached_teacher
+        with torch.no_grad():
+            return student_outputs, self.teacher_model(**model_inputs).logits
+
+    def _fused_objective(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
         targets: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
+        cached_teacher: CachedTeacher | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training objective from full logits.
+        """The objective's `(loss_sum, sums)` from final hidden states and LM heads, computed
+        inside the student wrapper's forward (so that DDP's and ZeRO-3's hooks see it)."""
+        student = self.accelerator.unwrap_model(model)
+        # The redirection swaps out the student's forward, and with it the autocast that
+        # accelerate wrapped around it (bf16 / fp16): restore it for both decoders and the
+        # heads, so that both loss paths compute in the same precision.
+        with self.accelerator.autocast():
+            return self._forward_redirection(
+                model,
+                student,
+                self._objective_from_hidden_states,
+                student,
+                model_inputs,
+                targets,
+                divergence_params,
+                cached_teacher,
+            )
 
-        Args:
-            student_logits: ``(batch, seq, V_student)``.
-            teacher_logits: ``(batch, seq, V_teacher)``; ``V_*`` may exceed ``len(tokenizer)``. Or
-                the cached teacher of the supervised positions: the divergence is then that of
-                the coarsened distributions (see ``abkd_trainer.divergences.coarsened``).
-            targets: ``(batch, seq)``, the next token each position predicts (the labels shifted
-                left), ``-100`` where not supervised, always at the last position.
-            num_items_in_batch: supervised tokens of the whole accumulated batch (all processes);
-                None (evaluation) normalises by this micro-batch's count.
-            divergence_params: keyword parameters of the divergence, e.g. ``alpha`` and ``beta``.
-
-        Returns:
-            ``(loss, sums)``: the scalar loss, and detached sums over this micro-batch's
-            supervised tokens keyed by ``_METRIC_SUMS`` names.
-        """
-        # The objective cuts padded head rows off: they never appear as targets and must not
-        # move the loss.
-        output = self.objective.loss_from_logits(
-            student_logits, teacher_logits, targets, divergence_params
-        )
-        loss = self._normalise(output.loss_sum, output.sums["num_supervised"], num_items_in_batch)
-        return loss, output.sums
-
-    def _fused_distillation_loss(
+    def _objective_from_hidden_states(
         self,
         student: nn.Module,
         model_inputs: dict[str, Any],
         targets: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
         divergence_params: dict[str, float],
+        cached_teacher: CachedTeacher | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective of :meth:`_distillation_loss` from final hidden states and LM heads.
+        """Both backbones' final hidden states, then the objective on them and the heads.
 
-        Runs inside the student wrapper's forward (see ``compute_loss``). Neither model's logits
-        are built: :func:`~abkd_trainer.fused_linear_divergence` projects the supervised positions
-        a chunk at a time and returns the divergence, the cross-entropy (weighted by ``kd_ratio``
-        into one differentiable sum), the top-1 agreements, token accuracy and both entropies of
-        the same pass.
+        Runs inside the student wrapper's forward (see `_fused_objective`). Neither model's
+        logits are built: the objective's fused kernels project the supervised positions a tile
+        at a time (see `DistillationObjective.loss_from_hidden_states`).
         """
         student_lm = causal_lm(student)
-        student_hidden = final_hidden_states(student_lm, model_inputs)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model, teacher, final_hidden_states, teacher, model_inputs
-            )
-        student_head = student_lm.get_output_embeddings()
-        teacher_head = teacher.get_output_embeddings()
-        teacher_transform = self._logit_transforms["teacher"]
+        student_states = self._hidden_states(
+            student_lm, final_hidden_states(student_lm, model_inputs), "student"
+        )
+        teacher = cached_teacher
+        if teacher is None:
+            teacher_lm = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
+                teacher_hidden = self._forward_redirection(
+                    self.teacher_model, teacher_lm, final_hidden_states, teacher_lm, model_inputs
+                )
+            teacher = self._hidden_states(teacher_lm, teacher_hidden, "teacher")
+        heads = [student_states.head]
+        if isinstance(teacher, HiddenStates):
+            heads.append(teacher.head)
         # Under ZeRO-3 the heads are partitioned and their own forward (which would gather them)
         # never runs: gather them for the projection. The student's weight gradient is built
         # here, in the forward, and reaches the partitioned parameter through autograd.
-        with maybe_gather_lm_head_ctx(
-            student_head.weight,
-            getattr(student_head, "bias", None),
-            teacher_head.weight,
-            getattr(teacher_head, "bias", None),
-        ):
-            output = fused_linear_divergence(
-                student_hidden,
-                student_head.weight,
-                teacher_hidden.to(student_hidden.device),
-                teacher_head.weight,
-                student_bias=getattr(student_head, "bias", None),
-                teacher_bias=getattr(teacher_head, "bias", None),
-                teacher_logit_scale=teacher_transform.scale,
-                teacher_logit_softcap=teacher_transform.softcap,
-                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
+        with maybe_gather_lm_head_ctx(*(t for head in heads for t in (head.weight, head.bias))):
+            output = self.objective.loss_from_hidden_states(
+                student_states, teacher, targets, divergence_params
             )
-        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        return loss, _fused_output_sums(output)
+        return output.loss_sum, output.sums
 
-    def _fused_cached_teacher_loss(
-        self,
-        student: nn.Module,
-        model_inputs: dict[str, Any],
-        targets: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-        divergence_params: dict[str, float],
-        cached_teacher: CachedTeacher,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`_fused_distillation_loss` against a cached teacher (no teacher forward)."""
-        student_lm = causal_lm(student)
-        student_hidden = final_hidden_states(student_lm, model_inputs)
-        head = student_lm.get_output_embeddings()
-        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None)):
-            output = fused_linear_coarsened_divergence(
-                student_hidden,
-                head.weight,
-                cached_teacher,
-                student_bias=getattr(head, "bias", None),
-                **self._fused_kernel_kwargs(targets, student_hidden.device, divergence_params),
-            )
-        loss = self._normalise(output.loss, output.num_tokens, num_items_in_batch)
-        return loss, _fused_output_sums(output)
-
-    def _fused_kernel_kwargs(
-        self,
-        targets: torch.Tensor,
-        device: torch.device,
-        divergence_params: dict[str, float],
-    ) -> dict[str, Any]:
-        """The keyword arguments both fused kernels (live and cached teacher) take from the
-        configuration and the batch: the objective, the student's logit transform, the
-        ``(batch, seq)`` targets on the student's device, and a summed reduction."""
-        student_transform = self._logit_transforms["student"]
-        return {
-            "divergence": self.args.divergence,
-            "divergence_params": divergence_params,
-            "temperature": self.args.temperature,
-            "labels": targets.to(device),
-            "reduction": "sum",
-            "student_logit_scale": student_transform.scale,
-            "student_logit_softcap": student_transform.softcap,
-            "vocab_size": self.vocab_size,
-            "divergence_weight": self.args.kd_ratio,
-            "ce_weight": 1.0 - self.args.kd_ratio,
-            "chunk_size": self.args.loss_chunk_size,
-        }
+    def _hidden_states(self, model: nn.Module, hidden: torch.Tensor, role: str) -> HiddenStates:
+        """`hidden` with `model`'s LM head and the logit transform checked for `role`."""
+        head = model.get_output_embeddings()
+        return HiddenStates(
+            hidden,
+            LinearHead(head.weight, getattr(head, "bias", None), self._logit_transforms[role]),
+        )
 
     def _normalise(
         self,
@@ -648,7 +587,7 @@ class ABKDTrainer(SFTTrainer):
             # SFTTrainer's name for the student's entropy (same tokens, temperature 1).
             metrics["entropy"] = metrics["student_entropy"]
             metrics["num_tokens"] = self._total_train_tokens
-            if self.args.divergence == "ab":
+            if self.objective.spec.scheduled:  # the current alpha and beta
                 metrics.update(self._last_divergence_params[mode])
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
@@ -701,16 +640,7 @@ class ABKDTrainer(SFTTrainer):
         }
         if self.teacher_cache is not None:
             settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
-        for field in _DIVERGENCE_CONFIG_FIELDS.get(self.args.divergence, {}).values():
-            settings[field] = getattr(self.args, field)
-        if self.args.divergence == "ab":
-            for field in ("alpha_end", "beta_end"):
-                if getattr(self.args, field) is not None:
-                    settings[field] = getattr(self.args, field)
-            if self.args.ab_warmup_steps > 0:
-                settings["ab_warmup_steps"] = self.args.ab_warmup_steps
-            else:
-                settings["ab_warmup_ratio"] = effective_warmup_ratio(self.args)
+        settings.update(self._divergence_settings())
         settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
         settings.update(on_policy_settings(self.args))
         card_text = add_distillation_section(
@@ -726,6 +656,22 @@ class ABKDTrainer(SFTTrainer):
         )
         card_path.write_text(card_text, "utf-8")
 
+    def _divergence_settings(self) -> dict[str, Any]:
+        """The model card's divergence settings: the fields the registry names for it (its
+        parameters, and the schedule fields that are set), then the (alpha, beta) warm-up."""
+        args = self.args
+        settings = {
+            field: getattr(args, field)
+            for field in divergence_config_fields(args.divergence)
+            if getattr(args, field) is not None
+        }
+        if self.objective.spec.scheduled:
+            if args.ab_warmup_steps > 0:
+                settings["ab_warmup_steps"] = args.ab_warmup_steps
+            else:
+                settings["ab_warmup_ratio"] = effective_warmup_ratio(args)
+        return settings
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (never the teacher) and, when called by the user, its model card."""
         super().save_model(output_dir, _internal_call=_internal_call)
@@ -736,19 +682,6 @@ class ABKDTrainer(SFTTrainer):
         card_path = Path(self.args.output_dir) / "README.md"
         if Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
             shutil.copyfile(card_path, Path(output_dir) / "README.md")
-
-
-def _fused_output_sums(output: Any) -> dict[str, torch.Tensor]:
-    """The ``_METRIC_SUMS`` of a fused kernel's output (live or cached teacher alike)."""
-    return {
-        "kd_loss": output.divergence,
-        "ce_loss": output.cross_entropy,
-        "teacher_agreement": output.teacher_agreement,
-        "student_entropy": output.student_entropy,
-        "teacher_entropy": output.teacher_entropy,
-        "mean_token_accuracy": output.token_accuracy,
-        "num_supervised": output.num_tokens,
-    }
 
 
 def _checked_arguments(
