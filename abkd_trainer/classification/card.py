@@ -10,6 +10,10 @@ from abkd_trainer.core.model_card import add_distillation_section, add_model_ind
 
 __all__ = ["add_classifier_card_sections", "accuracy_eval_result", "distillation_settings"]
 
+# What transformers' card says of a student built from a config (no Hub id, no dataset name).
+_EMPTY_BASE_MODEL = "This model is a fine-tuned version of [](https://huggingface.co/)"
+_NO_DATASET = " on the None dataset."
+
 
 def distillation_settings(
     args: Any, *, teacher: str, label_permutation: Sequence[int] | None
@@ -91,6 +95,8 @@ def add_classifier_card_sections(
             ...), or None when the student was never evaluated (no `model-index` then).
         task, dataset: as in `accuracy_eval_result`.
     """
+    card_text = card_text.replace(_EMPTY_BASE_MODEL, "This model is a student distilled with ABKD")
+    card_text = card_text.replace(_NO_DATASET, ".")
     card_text = add_distillation_section(card_text, settings, model_location=model_location)
     if not last_evaluation or "eval_accuracy" not in last_evaluation:
         return card_text
