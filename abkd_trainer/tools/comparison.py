@@ -24,9 +24,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from abkd_trainer.core.divergence_arguments import DivergenceArguments
+from abkd_trainer.divergences.registry import DIVERGENCE_NAMES, divergence_spec
 
 # The paper's 5 sampling seeds.
 DEFAULT_SAMPLING_SEEDS = (10, 20, 30, 40, 50)
@@ -42,15 +45,19 @@ class Method:
     flags: tuple[str, ...]
 
 
-# Key -> method; the paper's baselines with their default parameters, and ABKD's GPT-2 setting
-# with and without the warm-up from forward KL.
+def baseline_method(name: str) -> Method:
+    """A registry divergence at its configuration defaults, labelled with its name and the
+    default values of its parameters (`"JSD (0.5)"`, `"FKL"`)."""
+    defaults = {field.name: field.default for field in fields(DivergenceArguments)}
+    values = [defaults[name] for name in divergence_spec(name).parameter_fields.values()]
+    label = name.upper() + (f" ({', '.join(f'{value:g}' for value in values)})" if values else "")
+    return Method(label, ("--divergence", name))
+
+
+# Key -> method; the paper's baselines (every registry divergence but the alpha-beta one) with their
+# default parameters, and ABKD's GPT-2 setting with and without the warm-up from forward KL.
 METHODS: dict[str, Method] = {
-    "fkl": Method("FKL", ("--divergence", "fkl")),
-    "rkl": Method("RKL", ("--divergence", "rkl")),
-    "jsd": Method("JSD (0.5)", ("--divergence", "jsd")),
-    "sfkl": Method("SFKL (0.1)", ("--divergence", "sfkl")),
-    "srkl": Method("SRKL (0.1)", ("--divergence", "srkl")),
-    "tvd": Method("TVD", ("--divergence", "tvd")),
+    **{name: baseline_method(name) for name in DIVERGENCE_NAMES if name != "ab"},
     "ab-no-warmup": Method(
         "AB (0.2, 0.7), no warm-up",
         ("--divergence", "ab", "--alpha", "0.2", "--beta", "0.7", "--ab_warmup_ratio", "0"),
@@ -448,6 +455,7 @@ __all__ = [
     "METHODS",
     "Comparison",
     "Method",
+    "baseline_method",
     "compare_divergences",
     "machine_description",
     "plot_comparison",
