@@ -116,7 +116,7 @@ class DivergenceArguments:
         Raises:
             ValueError: naming the first field that is out of range, with what it accepts.
         """
-        from abkd_trainer.divergences.registry import DIVERGENCE_NAMES
+        from abkd_trainer.divergences.registry import DIVERGENCE_NAMES, divergence_spec
 
         for name in ("alpha", "beta"):
             require_finite(name, getattr(self, name))
@@ -134,7 +134,8 @@ class DivergenceArguments:
                 f"`divergence` must be one of {', '.join(DIVERGENCE_NAMES)}, "
                 f"got {self.divergence!r}."
             )
-        if self.divergence != "ab" and (self.alpha_end is not None or self.beta_end is not None):
+        scheduled = divergence_spec(self.divergence).scheduled
+        if not scheduled and (self.alpha_end is not None or self.beta_end is not None):
             raise ValueError(
                 f"`alpha_end` / `beta_end` schedule the alpha-beta divergence, but `divergence` is "
                 f"{self.divergence!r}. Set `divergence='ab'` or leave them unset."
