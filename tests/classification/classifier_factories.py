@@ -61,8 +61,10 @@ def build_vit_classifier(
     seed: int = 1,
     initializer_range: float = TEACHER_INIT_RANGE,
     image_size: int = IMAGE_SIZE,
+    **config_overrides: Any,
 ) -> ViTForImageClassification:
-    """A ViT image classifier on `(B, 1, 8, 8)` images (patch 4: 4 patches), the usual teacher."""
+    """A ViT image classifier on `(B, 1, 8, 8)` images (patch 4: 4 patches), the usual teacher
+    (`config_overrides` go to `ViTConfig`, e.g. `qkv_bias=False`)."""
     config = ViTConfig(
         image_size=image_size,
         patch_size=4,
@@ -74,6 +76,7 @@ def build_vit_classifier(
         num_labels=num_labels,
         initializer_range=initializer_range,
         **label_maps(class_names),
+        **config_overrides,
     )
     return _seeded(lambda: ViTForImageClassification(config), seed)
 
