@@ -207,9 +207,12 @@ class DistillationObjective:
         Args:
             args: a configuration with the fields of `DivergenceArguments` (`divergence`, its
                 parameters, `temperature`, the (alpha, beta) warm-up and schedule fields).
-            divergence_weight, ce_weight: the loss weights (the LM trainer passes `kd_ratio` and
-                `1 - kd_ratio`, the classifier trainer `kd_weight` and `ce_weight`).
-            vocab_size, chunk_size, logit_standardization: as in the constructor.
+            divergence_weight: the weight of the divergence (the LM trainer passes `kd_ratio`,
+                the classifier trainer `kd_weight`).
+            ce_weight: the weight of the cross-entropy (`1 - kd_ratio`, or `ce_weight`).
+            vocab_size: as in the constructor.
+            chunk_size: as in the constructor.
+            logit_standardization: as in the constructor.
         """
         schedule = None
         if divergence_spec(args.divergence).scheduled:

@@ -1,13 +1,13 @@
 """Memory-efficient driver: walks token chunks, produces the gradient in the forward pass.
 
-A plain autograd implementation of any of these divergences keeps several fp32 ``(N, V)``
+A plain autograd implementation of any of these divergences keeps several fp32 `(N, V)`
 temporaries alive until backward (softmaxes, powers, products). Here the forward pass visits
-``chunk_size`` tokens at a time, computes the per-token loss *and* the gradient with respect to the
+`chunk_size` tokens at a time, computes the per-token loss *and* the gradient with respect to the
 student logits in fp32, and stores only that gradient (in the logits' dtype). Backward multiplies
 it, in place, by the incoming per-token gradient. Extra memory: one gradient the size of the
 student logits plus the fp32 work of one chunk.
 
-Only the supervised positions (``mask``) are computed; the others get zero loss and zero gradient.
+Only the supervised positions (`mask`) are computed; the others get zero loss and zero gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _REDUCTIONS = ("none", "sum", "mean")
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk so that one fp32 ``(chunk, V)`` temporary holds the target number."""
+    """Tokens per chunk so that one fp32 `(chunk, V)` temporary holds the target number."""
     kind = "cpu" if torch.device(device).type == "cpu" else "accelerator"
     return max(1, DEFAULT_CHUNK_ELEMENTS[kind] // max(1, vocab_size))
 
@@ -49,14 +49,14 @@ def rowwise_loss_and_grad(
     """Per-token divergence and its gradient for one chunk, in fp32 (float64 for float64 input).
 
     Args:
-        student_logits: ``(n, V)`` raw student logits, any float dtype.
-        teacher_logits: ``(n, V)`` raw teacher logits, any float dtype.
-        divergence: a :class:`~abkd_trainer.divergences.pointwise.PointwiseDivergence`.
+        student_logits: `(n, V)` raw student logits, any float dtype.
+        teacher_logits: `(n, V)` raw teacher logits, any float dtype.
+        divergence: a `PointwiseDivergence`.
         temperature: divides both logit sets before the softmax.
-        compute_grad: if False, the gradient is skipped and ``None`` is returned in its place.
+        compute_grad: if False, the gradient is skipped and `None` is returned in its place.
 
     Returns:
-        ``row_losses`` ``(n,)`` and ``grad_student_logits`` ``(n, V)`` (d row_loss / d raw logits).
+        `row_losses` `(n,)` and `grad_student_logits` `(n, V)` (d row_loss / d raw logits).
     """
     work_dtype = compute_dtype(student_logits.dtype)
     student = student_logits.to(work_dtype)
@@ -91,7 +91,7 @@ def rowwise_loss_and_grad(
 
 
 class _ChunkedDivergenceFunction(torch.autograd.Function):
-    """Per-token losses ``(N,)`` of ``(N, V)`` logits; the gradient is built during forward."""
+    """Per-token losses `(N,)` of `(N, V)` logits; the gradient is built during forward."""
 
     @staticmethod
     def forward(
@@ -175,7 +175,7 @@ class _ChunkedDivergenceFunction(torch.autograd.Function):
 
 
 def backward_keeps_graph() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph=True``) for another pass."""
+    """Whether the running backward keeps the graph (`retain_graph=True`) for another pass."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     # Without the query (other torch versions), stay correct at the cost of one extra gradient.
     return True if keep_graph is None else bool(keep_graph())
@@ -238,15 +238,15 @@ def chunked_divergence(
     """Reduce a pointwise divergence over token positions, chunk by chunk.
 
     Args:
-        student_logits: ``(..., V)``, any float dtype; receives the gradient.
-        teacher_logits: ``(..., V)``, same shape; treated as a constant target (no gradient).
-        divergence: the per-entry terms, e.g. ``ABDivergence(alpha=0.2, beta=0.7)``.
-        temperature: divides both logit sets; the result is *not* multiplied by ``T**2``.
-        mask: ``(...)`` bool, True at positions that count; None counts every position.
-        reduction: ``"none"`` -> ``(...)`` per-position values (0 where masked out); ``"sum"`` ->
-            scalar sum over counted positions; ``"mean"`` -> that sum divided by the number of
+        student_logits: `(..., V)`, any float dtype; receives the gradient.
+        teacher_logits: `(..., V)`, same shape; treated as a constant target (no gradient).
+        divergence: the per-entry terms, e.g. `ABDivergence(alpha=0.2, beta=0.7)`.
+        temperature: divides both logit sets; the result is *not* multiplied by `T**2`.
+        mask: `(...)` bool, True at positions that count; None counts every position.
+        reduction: `"none"` -> `(...)` per-position values (0 where masked out); `"sum"` ->
+            scalar sum over counted positions; `"mean"` -> that sum divided by the number of
             counted positions (0.0, with the graph still connected, when there are none).
-        chunk_size: tokens per chunk; None picks ``default_chunk_size(V, device)``.
+        chunk_size: tokens per chunk; None picks `default_chunk_size(V, device)`.
 
     Returns:
         fp32 tensor (float64 for float64 logits), in nats.

@@ -1,29 +1,29 @@
 """Divergences against a cached teacher: its top-k tokens plus one bucket for the rest.
 
-An offline teacher cache (:mod:`abkd_trainer.lm.teacher_cache`) keeps, for every supervised
+An offline teacher cache (`abkd_trainer.lm.teacher_cache`) keeps, for every supervised
 position,
-the teacher's ``k`` most likely token ids, their log-probabilities and the log of the remaining
-mass. Those ``k + 1`` numbers describe the teacher's distribution *coarsened* onto ``k + 1``
-outcomes: the ``k`` tokens and one tail bucket holding everything else. The student's distribution
-is coarsened the same way, onto the same ``k`` ids of that position plus the sum of its other
-probabilities, and any registry divergence is then evaluated between the two ``(k + 1)``-outcome
+the teacher's `k` most likely token ids, their log-probabilities and the log of the remaining
+mass. Those `k + 1` numbers describe the teacher's distribution *coarsened* onto `k + 1`
+outcomes: the `k` tokens and one tail bucket holding everything else. The student's distribution
+is coarsened the same way, onto the same `k` ids of that position plus the sum of its other
+probabilities, and any registry divergence is then evaluated between the two `(k + 1)`-outcome
 distributions (every divergence here is separable, so a bucket is just a small vocabulary):
 
     D_k(p || q) = D(coarsen_ids(p) || coarsen_ids(q)).
 
 This is the divergence of the coarsened distributions, not the full one. It equals the full
-divergence when ``k`` covers the vocabulary (the tail buckets are then empty on both sides); for
-``k < V`` it is a lower bound of it for every f-divergence (data processing: forward and reverse
+divergence when `k` covers the vocabulary (the tail buckets are then empty on both sides); for
+`k < V` it is a lower bound of it for every f-divergence (data processing: forward and reverse
 KL, JSD, TVD, the skew KLs), and it ignores how either model spreads its mass inside the tail.
 
-``temperature`` divides the bucket log-probabilities of both sides (``softmax(log c / T)`` over
-the ``k + 1`` buckets, the tail treated as one outcome). The cache stores raw ``log_softmax``
-values so the temperature can be chosen at training time; for ``k < V`` and ``T != 1`` this is the
+`temperature` divides the bucket log-probabilities of both sides (`softmax(log c / T)` over
+the `k + 1` buckets, the tail treated as one outcome). The cache stores raw `log_softmax`
+values so the temperature can be chosen at training time; for `k < V` and `T != 1` this is the
 tempered coarsened distribution, not the coarsened tempered one (which would need the teacher's
 whole tail).
 
-Two drivers, mirroring the live-teacher ones: :func:`coarsened_divergence` on the student's
-logits, :func:`fused_linear_coarsened_divergence` on its final hidden states and LM head (the
+Two drivers, mirroring the live-teacher ones: `coarsened_divergence` on the student's
+logits, `fused_linear_coarsened_divergence` on its final hidden states and LM head (the
 student's full normaliser, a log-sum-exp over the vocabulary, is taken tile by tile; the logits
 never exist as one tensor). Both compute the gradient during the forward pass, in fp32.
 """
@@ -74,13 +74,13 @@ _REDUCTIONS = ("none", "sum", "mean")
 
 @dataclass(frozen=True)
 class CachedTeacher:
-    """The cached teacher at ``n`` positions (one row per counted position, in order).
+    """The cached teacher at `n` positions (one row per counted position, in order).
 
     Attributes:
-        topk_ids: ``(n, k)`` integer token ids, most likely first, all below the vocabulary size.
-        topk_log_probs: ``(n, k)`` the teacher's ``log_softmax`` at those ids (temperature 1).
-        tail_log_prob: ``(n,)`` log of the teacher's remaining mass ``1 - sum(exp(topk_log_probs))``
-            (``-inf`` when ``k`` covers the vocabulary).
+        topk_ids: `(n, k)` integer token ids, most likely first, all below the vocabulary size.
+        topk_log_probs: `(n, k)` the teacher's `log_softmax` at those ids (temperature 1).
+        tail_log_prob: `(n,)` log of the teacher's remaining mass `1 - sum(exp(topk_log_probs))`
+            (`-inf` when `k` covers the vocabulary).
     """
 
     topk_ids: torch.Tensor
@@ -96,7 +96,7 @@ class CachedTeacher:
         return self.topk_ids.shape[1]
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ``ValueError`` unless the shapes agree and every id lies in ``[0, vocab_size)``."""
+        """Raise `ValueError` unless the shapes agree and every id lies in `[0, vocab_size)`."""
         n, k = tuple(self.topk_ids.shape) if self.topk_ids.dim() == 2 else (-1, -1)
         if (
             n < 0
@@ -120,10 +120,10 @@ class CachedTeacher:
 
     @classmethod
     def from_logits(cls, teacher_logits: torch.Tensor, top_k: int) -> CachedTeacher:
-        """The cache rows of raw teacher logits ``(n, V)`` (temperature 1), in fp32 or wider.
+        """The cache rows of raw teacher logits `(n, V)` (temperature 1), in fp32 or wider.
 
-        ``tail_log_prob`` is the log-sum-exp of the other ``V - k`` log-probabilities, not
-        ``log(1 - sum(top-k probabilities))``, which cancels when the top ``k`` hold nearly all
+        `tail_log_prob` is the log-sum-exp of the other `V - k` log-probabilities, not
+        `log(1 - sum(top-k probabilities))`, which cancels when the top `k` hold nearly all
         the mass.
         """
         log_probs = torch.log_softmax(teacher_logits.to(compute_dtype(teacher_logits.dtype)), -1)
@@ -132,7 +132,7 @@ class CachedTeacher:
         return cls(topk_ids, topk_log_probs, tail)
 
     def bucket_log_probs(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(n, k + 1)``: the teacher's coarsened log-probabilities, the tail last."""
+        """`(n, k + 1)`: the teacher's coarsened log-probabilities, the tail last."""
         return torch.cat(
             [self.topk_log_probs.to(dtype), self.tail_log_prob.to(dtype).unsqueeze(-1)], dim=-1
         )
@@ -159,21 +159,21 @@ def coarsened_rowwise_loss_and_grad(
     """Per-row coarsened divergence and its gradient w.r.t. the student's full logits.
 
     Args:
-        student_logits: ``(n, V)`` raw student logits, any float dtype (not modified).
-        topk_ids: ``(n, k)`` the cached ids of these rows (int64).
-        teacher_bucket_log_probs: ``(n, k + 1)`` the teacher's coarsened log-probabilities.
-        divergence: the per-entry terms, e.g. ``ABDivergence(0.2, 0.7)``.
+        student_logits: `(n, V)` raw student logits, any float dtype (not modified).
+        topk_ids: `(n, k)` the cached ids of these rows (int64).
+        teacher_bucket_log_probs: `(n, k + 1)` the teacher's coarsened log-probabilities.
+        divergence: the per-entry terms, e.g. `ABDivergence(0.2, 0.7)`.
         temperature: divides both sides' bucket log-probabilities.
-        compute_grad: if False, the gradient is skipped and ``None`` returned in its place.
+        compute_grad: if False, the gradient is skipped and `None` returned in its place.
 
     Returns:
-        ``row_losses`` ``(n,)`` and ``grad`` ``(n, V)`` in fp32 (float64 for float64 logits).
+        `row_losses` `(n,)` and `grad` `(n, V)` in fp32 (float64 for float64 logits).
 
-    The student's bucket logits are its logits at the ``k`` ids and the log-sum-exp of the other
+    The student's bucket logits are its logits at the `k` ids and the log-sum-exp of the other
     entries (their softmax is the coarsened distribution). The divergence and its gradient with
-    respect to those ``k + 1`` bucket logits come from the same routine as the full-vocabulary
+    respect to those `k + 1` bucket logits come from the same routine as the full-vocabulary
     path; the chain rule then gives each picked id its bucket's gradient and each tail entry the
-    tail bucket's gradient times its share ``exp(z_j - logsumexp_tail)`` of the tail.
+    tail bucket's gradient times its share `exp(z_j - logsumexp_tail)` of the tail.
     """
     work_dtype = compute_dtype(student_logits.dtype)
     work = student_logits.to(work_dtype, copy=True)
@@ -292,21 +292,21 @@ def coarsened_divergence(
     """A registry divergence between a cached teacher and the student, both coarsened.
 
     Args:
-        student_logits: ``(..., V)`` the student's logits over the tokenizer's vocabulary (slice
+        student_logits: `(..., V)` the student's logits over the tokenizer's vocabulary (slice
             padded head rows off first), any float dtype; receives the gradient.
         teacher: the cached teacher, one row per counted position in row-major order.
-        divergence: a registry name (``"ab"``, ``"fkl"``, ...) or a ``PointwiseDivergence``.
-        divergence_params: parameters of a divergence given by name, e.g. ``{"alpha": 0.2,
-            "beta": 0.7}``.
+        divergence: a registry name (`"ab"`, `"fkl"`, ...) or a `PointwiseDivergence`.
+        divergence_params: parameters of a divergence given by name, e.g. `{"alpha": 0.2,
+            "beta": 0.7}`.
         temperature: divides both sides' bucket log-probabilities (see the module docstring).
-        mask: ``(...)`` bool, True at the positions the cache rows belong to; None: all positions.
-        reduction: ``"none"`` (per position, 0 where masked out), ``"sum"`` or ``"mean"`` over
+        mask: `(...)` bool, True at the positions the cache rows belong to; None: all positions.
+        reduction: `"none"` (per position, 0 where masked out), `"sum"` or `"mean"` over
             counted positions.
-        chunk_size: counted rows per chunk (bounds the fp32 ``(chunk, V)`` temporaries); None
-            picks ``default_chunk_size(V, device)``.
+        chunk_size: counted rows per chunk (bounds the fp32 `(chunk, V)` temporaries); None
+            picks `default_chunk_size(V, device)`.
 
     Returns:
-        fp32 values in nats (float64 for float64 logits). With ``k = V`` they equal the
+        fp32 values in nats (float64 for float64 logits). With `k = V` they equal the
         full-vocabulary divergence of the registry function on the teacher's logits.
     """
     pointwise = resolve_divergence(divergence, divergence_params)
@@ -344,10 +344,10 @@ def cached_row_statistics(
     labels: torch.Tensor,
     student_entropy: torch.Tensor | None = None,
 ) -> TokenStatistics:
-    """Per-row :class:`~abkd_trainer.divergences.statistics.TokenStatistics` against a cache.
+    """Per-row `TokenStatistics` against a cache.
 
-    As ``statistics.row_statistics``, except that the teacher's entropy is that of its coarsened
-    distribution (the ``k + 1`` buckets; the full entropy when ``k`` covers the vocabulary, a
+    As `statistics.row_statistics`, except that the teacher's entropy is that of its coarsened
+    distribution (the `k + 1` buckets; the full entropy when `k` covers the vocabulary, a
     lower bound otherwise) and its top-1 token is the first cached id.
     """
     if student_entropy is None:
@@ -366,8 +366,8 @@ def coarsened_token_statistics(
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> TokenStatistics:
-    """Sums of :func:`cached_row_statistics` over the ``mask``-true positions, whose cached rows
-    ``teacher`` holds in order; ``(..., V)`` logits, ``(...)`` targets and mask."""
+    """Sums of `cached_row_statistics` over the `mask`-true positions, whose cached rows
+    `teacher` holds in order; `(..., V)` logits, `(...)` targets and mask."""
     vocab = student_logits.shape[-1]
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     student_2d = student_logits.reshape(-1, vocab)
@@ -490,24 +490,24 @@ def fused_linear_coarsened_divergence(
     ce_weight: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor | FusedLinearDistillationOutput:
-    """:func:`coarsened_divergence` from the student's hidden states and LM head.
+    """`coarsened_divergence` from the student's hidden states and LM head.
 
-    The values and gradients of :func:`coarsened_divergence` on the materialised logits
-    ``transform(hidden @ weight.T + bias)[..., :vocab_size]``, computed a tile of rows at a time
-    as in :func:`~abkd_trainer.fused_linear_divergence` (whose arguments these are, minus the
-    teacher's head). Each tile's full-vocabulary row gives the student's normaliser, its ``k``
-    cached columns and its tail's log-sum-exp; no ``(N, V)`` tensor exists.
+    The values and gradients of `coarsened_divergence` on the materialised logits
+    `transform(hidden @ weight.T + bias)[..., :vocab_size]`, computed a tile of rows at a time
+    as in `fused_linear_divergence` (whose arguments these are, minus the
+    teacher's head). Each tile's full-vocabulary row gives the student's normaliser, its `k`
+    cached columns and its tail's log-sum-exp; no `(N, V)` tensor exists.
 
     Args:
-        student_hidden: ``(..., H)`` final hidden states; ``student_weight`` ``(V_s, H)``.
-        teacher: one cached row per counted position (``mask``, else ``labels != -100``, else
+        student_hidden: `(..., H)` final hidden states; `student_weight` `(V_s, H)`.
+        teacher: one cached row per counted position (`mask`, else `labels != -100`, else
             every position), in row-major order.
-        labels: ``(...)`` next-token targets; when given, returns a
-            :class:`~abkd_trainer.divergences.fused_tiles.FusedLinearDistillationOutput` with the
+        labels: `(...)` next-token targets; when given, returns a
+            `FusedLinearDistillationOutput` with the
             cross-entropy and the top-1 agreement with the teacher's first cached id.
 
     Returns:
-        The divergence (a tensor, shape ``(...)`` for ``reduction="none"``), or the output tuple.
+        The divergence (a tensor, shape `(...)` for `reduction="none"`), or the output tuple.
     """
     pointwise = resolve_divergence(divergence, divergence_params)
     validate_head("student", student_hidden, student_weight, student_bias)

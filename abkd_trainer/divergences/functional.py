@@ -1,16 +1,16 @@
-"""Public divergence functions on logits (their names are registered in ``registry``).
+"""Public divergence functions on logits (their names are registered in `registry`).
 
 All functions share one keyword interface and return values in nats, computed and returned in
 fp32 (float64 for float64 logits) whatever the logits' dtype:
 
-* ``student_logits``, ``teacher_logits``: ``(..., V)``, any float dtype, same shape. Only the
+* `student_logits`, `teacher_logits`: `(..., V)`, any float dtype, same shape. Only the
   student receives a gradient; the teacher is a constant target.
-* ``temperature``: divides both logit sets before the softmax. The result is **not** multiplied by
-  ``T**2`` (as in TRL and Liger; multiply yourself for Hinton-style scaling).
-* ``mask``: ``(...)`` bool, True at the positions that count (e.g. supervised tokens).
-* ``reduction``: ``"none"`` (per position, shape ``logits.shape[:-1]``), ``"sum"``, or ``"mean"``
+* `temperature`: divides both logit sets before the softmax. The result is **not** multiplied by
+  `T**2` (as in TRL and Liger; multiply yourself for Hinton-style scaling).
+* `mask`: `(...)` bool, True at the positions that count (e.g. supervised tokens).
+* `reduction`: `"none"` (per position, shape `logits.shape[:-1]`), `"sum"`, or `"mean"`
   over counted positions.
-* ``chunk_size``: tokens per chunk of the memory-efficient driver (None: chosen from ``V``).
+* `chunk_size`: tokens per chunk of the memory-efficient driver (None: chosen from `V`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def ab_divergence(
 ) -> torch.Tensor:
     """Alpha-beta divergence D_AB^(alpha, beta)(p_teacher || q_student) per token (ABKD).
 
-    ``(1, 0)`` is forward KL, ``(0, 1)`` reverse KL; the paper's GPT-2 recipe is ``(0.2, 0.7)``.
-    Exact and continuous in ``(alpha, beta)``, including the limits ``alpha = 0``, ``beta = 0``,
-    ``alpha + beta = 0`` and ``alpha = beta = 0``. See the module docstring for the arguments.
+    `(1, 0)` is forward KL, `(0, 1)` reverse KL; the paper's GPT-2 recipe is `(0.2, 0.7)`.
+    Exact and continuous in `(alpha, beta)`, including the limits `alpha = 0`, `beta = 0`,
+    `alpha + beta = 0` and `alpha = beta = 0`. See the module docstring for the arguments.
     """
     return chunked_divergence(
         student_logits,
@@ -119,7 +119,7 @@ def generalized_jsd(
     reduction: str = "mean",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """TRL's generalized JSD per token: ``beta = 0`` forward KL, ``beta = 1`` reverse KL."""
+    """TRL's generalized JSD per token: `beta = 0` forward KL, `beta = 1` reverse KL."""
     return chunked_divergence(
         student_logits,
         teacher_logits,

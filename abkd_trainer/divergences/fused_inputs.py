@@ -40,8 +40,9 @@ class FusedLossOptions:
             counted positions.
         student_transform: the student's logit post-processing.
         chunk_size: rows per projection tile; None picks `default_fused_chunk_size(V, device)`.
-        divergence_weight, ce_weight: the loss is `divergence_weight * divergence + ce_weight *
+        divergence_weight: the loss is `divergence_weight * divergence + ce_weight *
             cross_entropy` (with `labels` only).
+        ce_weight: the weight of the cross-entropy in that loss.
 
     Raises:
         ValueError: a value out of range, naming the argument.

@@ -185,47 +185,51 @@ def fused_linear_divergence(
 ) -> torch.Tensor | FusedLinearDistillationOutput:
     """A registry divergence between teacher and student, from hidden states and LM heads.
 
-    Computes the same values as the logits-based functions (e.g. ``get_divergence(name)(logits_s,
-    logits_t, ...)``) on ``logits = transform(hidden @ weight.T + bias)[..., :vocab_size]``,
-    without building either ``(N, V)`` logits tensor. Gradients reach the student's hidden states,
+    Computes the same values as the logits-based functions (e.g. `get_divergence(name)(logits_s,
+    logits_t, ...)`) on `logits = transform(hidden @ weight.T + bias)[..., :vocab_size]`,
+    without building either `(N, V)` logits tensor. Gradients reach the student's hidden states,
     head weight and bias; the teacher is a constant target.
 
     Args:
-        student_hidden: ``(..., H_s)`` final hidden states of the student (any float dtype).
-        student_weight: ``(V_s, H_s)`` the student's ``lm_head.weight``.
-        teacher_hidden: ``(..., H_t)`` the teacher's, at the same positions; ``H_t`` may differ.
-        teacher_weight: ``(V_t, H_t)`` the teacher's ``lm_head.weight``.
-        divergence: a name from ``DIVERGENCE_NAMES`` (``"ab"``, ``"fkl"``, ``"jsd"``, ...) or a
-            :class:`~abkd_trainer.divergences.pointwise.PointwiseDivergence`.
-        divergence_params: parameters of a divergence given by name, e.g. ``{"alpha": 0.2,
-            "beta": 0.7}`` for ``"ab"``.
+        student_hidden: `(..., H_s)` final hidden states of the student (any float dtype).
+        student_weight: `(V_s, H_s)` the student's `lm_head.weight`.
+        teacher_hidden: `(..., H_t)` the teacher's, at the same positions; `H_t` may differ.
+        teacher_weight: `(V_t, H_t)` the teacher's `lm_head.weight`.
+        divergence: a name from `DIVERGENCE_NAMES` (`"ab"`, `"fkl"`, `"jsd"`, ...) or a
+            `PointwiseDivergence`.
+        divergence_params: parameters of a divergence given by name, e.g. `{"alpha": 0.2,
+            "beta": 0.7}` for `"ab"`.
         temperature: divides both transformed logit sets before the softmax; the result is not
-            multiplied by ``T**2``. The cross-entropy always uses temperature 1.
-        mask: ``(...)`` bool, True at the positions that count; only those rows are projected.
-            Defaults to ``labels != -100`` when ``labels`` are given, else to every position.
-        reduction: ``"none"`` (per position, 0 where masked out), ``"sum"`` or ``"mean"`` over
+            multiplied by `T**2`. The cross-entropy always uses temperature 1.
+        mask: `(...)` bool, True at the positions that count; only those rows are projected.
+            Defaults to `labels != -100` when `labels` are given, else to every position.
+        reduction: `"none"` (per position, 0 where masked out), `"sum"` or `"mean"` over
             counted positions (0.0 with a connected graph when there are none).
-        student_bias, teacher_bias: ``(V_s,)`` / ``(V_t,)`` head biases, if the heads have them.
-        student_logit_scale, teacher_logit_scale: multiply the raw logits (``config.logit_scale``).
-        student_logit_softcap, teacher_logit_softcap: ``c * tanh(logits / c)`` after the scale
-            (``config.final_logit_softcapping``); None disables it.
+        student_bias: `(V_s,)` the student's head bias, if its head has one.
+        teacher_bias: `(V_t,)` the teacher's head bias, if its head has one.
+        student_logit_scale: multiplies the student's raw logits (`config.logit_scale`).
+        teacher_logit_scale: multiplies the teacher's raw logits.
+        student_logit_softcap: `c * tanh(logits / c)` after the scale
+            (`config.final_logit_softcapping`); None disables it.
+        teacher_logit_softcap: the same for the teacher.
         vocab_size: the tokenizer's vocabulary; head rows from it on (padding) are ignored. Required
             when the heads have different row counts.
-        labels: ``(...)`` int64 next-token targets. When given, the function returns a
-            :class:`FusedLinearDistillationOutput` with the cross-entropy, top-1 agreement, token
+        labels: `(...)` int64 next-token targets. When given, the function returns a
+            `FusedLinearDistillationOutput` with the cross-entropy, top-1 agreement, token
             accuracy and both entropies, computed in the same pass; counted positions must hold a
-            target in ``[0, vocab_size)``.
-        divergence_weight, ce_weight: the output's ``loss`` is ``divergence_weight * divergence +
-            ce_weight * cross_entropy`` (``labels`` only; e.g. ``kd_ratio`` and ``1 - kd_ratio``).
-        chunk_size: tokens per projection tile (two fp32 ``(chunk_size, V)`` buffers); None picks
-            ``default_fused_chunk_size(V, device)``.
+            target in `[0, vocab_size)`.
+        divergence_weight: the output's `loss` is `divergence_weight * divergence + ce_weight *
+            cross_entropy` (`labels` only; e.g. `kd_ratio`).
+        ce_weight: the weight of the cross-entropy in that loss (e.g. `1 - kd_ratio`).
+        chunk_size: tokens per projection tile (two fp32 `(chunk_size, V)` buffers); None picks
+            `default_fused_chunk_size(V, device)`.
 
     Returns:
-        Without ``labels``: the fp32 divergence in nats (shape ``(...)`` for ``reduction="none"``,
-        else a scalar). With ``labels``: a :class:`FusedLinearDistillationOutput`.
+        Without `labels`: the fp32 divergence in nats (shape `(...)` for `reduction="none"`,
+        else a scalar). With `labels`: a `FusedLinearDistillationOutput`.
 
     Scalar reductions build the gradients during the forward pass and keep them until backward
-    (one fp32 copy of the student's head weight); ``"none"`` recomputes in backward instead, which
+    (one fp32 copy of the student's head weight); `"none"` recomputes in backward instead, which
     then needs the head weights still materialised (under DeepSpeed ZeRO-3: gathered again).
     """
     pointwise = resolve_divergence(divergence, divergence_params)
@@ -283,10 +287,10 @@ def fused_linear_ab_divergence(
 ) -> torch.Tensor | FusedLinearDistillationOutput:
     """Alpha-beta divergence D_AB^(alpha, beta)(p_teacher || q_student) from hidden states.
 
-    The values of :func:`~abkd_trainer.divergences.ab_divergence` on the materialised logits,
-    exact and continuous in ``(alpha, beta)``; ``(1, 0)`` is forward KL, ``(0, 1)`` reverse KL.
-    Shapes: hidden states ``(..., H_s)`` / ``(..., H_t)``, heads ``(V_s, H_s)`` / ``(V_t, H_t)``.
-    See :func:`fused_linear_divergence` for the other arguments and the return value.
+    The values of `ab_divergence` on the materialised logits,
+    exact and continuous in `(alpha, beta)`; `(1, 0)` is forward KL, `(0, 1)` reverse KL.
+    Shapes: hidden states `(..., H_s)` / `(..., H_t)`, heads `(V_s, H_s)` / `(V_t, H_t)`.
+    See `fused_linear_divergence` for the other arguments and the return value.
     """
     return fused_linear_divergence(
         student_hidden,

@@ -107,9 +107,10 @@ class FusedLinearDistillationOutput(NamedTuple):
         teacher_agreement: 1.0 where the student's and the teacher's top-1 tokens agree, detached
             (`"mean"`: the agreement rate; `"sum"`: the number of agreeing tokens).
         num_tokens: number of counted (mask-true) positions, an int64 scalar.
-        student_entropy, teacher_entropy: entropy in nats of each model's next-token distribution
-            at temperature 1 (after the logit transform, over `vocab_size`), detached. NaN where
-            that model's logits are not finite.
+        student_entropy: entropy in nats of the student's next-token distribution at
+            temperature 1 (after the logit transform, over `vocab_size`), detached. NaN where its
+            logits are not finite.
+        teacher_entropy: the same for the teacher (of its coarsened distribution for a cache).
         token_accuracy: 1.0 where the student's top-1 token is the label, detached.
 
     See `abkd_trainer.divergences.statistics` for the definitions.
@@ -233,10 +234,14 @@ class TileSettings:
 
     Attributes:
         divergence: the per-entry terms of the divergence.
-        temperature, student_transform, divergence_weight, ce_weight: see `FusedLossOptions`.
+        temperature: as in `FusedLossOptions`.
+        student_transform: as in `FusedLossOptions`.
         vocab_size: head rows from this one on (padding) are ignored.
-        chunk_size: rows per projection tile; pointwise_rows: rows per divergence tile.
+        chunk_size: rows per projection tile.
+        pointwise_rows: rows per divergence tile.
         with_labels: whether the cross-entropy and statistics are computed.
+        divergence_weight: as in `FusedLossOptions`.
+        ce_weight: as in `FusedLossOptions`.
         student_dtype: the student's GEMM input dtype (the hidden states' or autocast's).
         work_dtype: the dtype of the logits and of the per-row values (fp32 or float64).
     """
@@ -341,7 +346,8 @@ def walk_tiles(
 
     Args:
         student_hidden: `(n, H)` the student's hidden states at the counted rows.
-        student_weight, student_bias: its head, `(V_head, H)` and `(V_head,)` or None.
+        student_weight: `(V_head, H)` its head's weight.
+        student_bias: `(V_head,)` its head's bias, or None.
         labels: `(n,)` targets, or None (`settings.with_labels` says which).
         teacher: the teacher at the same rows.
         settings: the tile sizes, dtypes and loss.

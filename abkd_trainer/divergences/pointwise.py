@@ -1,18 +1,18 @@
 """Per-vocabulary-entry terms of every divergence, in log space.
 
-Every divergence in this package is *separable*: ``D(p || q) = sum_k d(p_k, q_k)`` over the
-vocabulary, where ``p`` is the teacher's and ``q`` the student's token distribution. A divergence is
-therefore fully described by two ``(n, V)`` tensors computed from the log-probabilities:
+Every divergence in this package is *separable*: `D(p || q) = sum_k d(p_k, q_k)` over the
+vocabulary, where `p` is the teacher's and `q` the student's token distribution. A divergence is
+therefore fully described by two `(n, V)` tensors computed from the log-probabilities:
 
-* ``loss_terms[k] = d(p_k, q_k)``; the per-token loss is ``loss_terms.sum(-1)``;
-* ``grad_weights[k] = q_k * dD/dq_k``; the gradient with respect to the student's logits ``z``
-  (``q = softmax(z)``) is ``grad_weights - q * grad_weights.sum(-1, keepdim=True)``.
+* `loss_terms[k] = d(p_k, q_k)`; the per-token loss is `loss_terms.sum(-1)`;
+* `grad_weights[k] = q_k * dD/dq_k`; the gradient with respect to the student's logits `z`
+  (`q = softmax(z)`) is `grad_weights - q * grad_weights.sum(-1, keepdim=True)`.
 
 The chunked and fused drivers own softmax, chunking, temperature and reductions; the classes here
 only implement those two tensors. They are not meant to be differentiated by autograd (they work
 in place); the drivers apply the gradient formula above. Inputs are fp32 (or float64)
-log-probabilities in which ``-inf`` has already been replaced by :data:`LOG_PROB_FLOOR`
-(see :mod:`abkd_trainer.divergences.chunked`).
+log-probabilities in which `-inf` has already been replaced by `LOG_PROB_FLOOR`
+(see `abkd_trainer.divergences.chunked`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class PointwiseDivergence(Protocol):
     def terms_and_weights(
         self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loss_terms, grad_weights)``, both fp32 ``(n, V)`` like the inputs."""
+        """Return `(loss_terms, grad_weights)`, both fp32 `(n, V)` like the inputs."""
         ...
 
 
@@ -76,10 +76,10 @@ def _check_unit_interval(name: str, value: float) -> float:
 
 
 def _exp_divided_difference_2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``exp[u, v] = (e^u - e^v) / (u - v)`` (``e^u`` if ``u == v``), stably.
+    """`exp[u, v] = (e^u - e^v) / (u - v)` (`e^u` if `u == v`), stably.
 
-    Shifting by the larger node keeps ``expm1``'s argument non-positive, so nothing overflows
-    unless ``e^max(u, v)`` itself does.
+    Shifting by the larger node keeps `expm1`'s argument non-positive, so nothing overflows
+    unless `e^max(u, v)` itself does.
     """
     gap = (u - v).abs()
     ratio = torch.where(gap > 0, -torch.expm1(-gap) / gap, 1.0)
@@ -89,7 +89,7 @@ def _exp_divided_difference_2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _mixture_log_probs(
     first_log_probs: torch.Tensor, second_log_probs: torch.Tensor, first_weight: float
 ) -> torch.Tensor:
-    """``log(w e^first + (1 - w) e^second)``, exact at the end points ``w = 0`` and ``w = 1``."""
+    """`log(w e^first + (1 - w) e^second)`, exact at the end points `w = 0` and `w = 1`."""
     if first_weight == 0.0:
         return second_log_probs
     if first_weight == 1.0:
@@ -103,20 +103,20 @@ def _mixture_log_probs(
 class ABDivergence:
     """Alpha-beta divergence of Cichocki, Cruces & Amari (2011), as used by ABKD.
 
-    ``D = -1/(a b) sum_k [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]`` with its continuous limits
-    at ``a = 0``, ``b = 0``, ``a + b = 0`` and ``a = b = 0``. ``(1, 0)`` is KL(p || q),
-    ``(0, 1)`` is KL(q || p), ``(0.5, 0.5)`` is ``2 sum (sqrt p - sqrt q)^2``.
+    `D = -1/(a b) sum_k [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]` with its continuous limits
+    at `a = 0`, `b = 0`, `a + b = 0` and `a = b = 0`. `(1, 0)` is KL(p || q),
+    `(0, 1)` is KL(q || p), `(0.5, 0.5)` is `2 sum (sqrt p - sqrt q)^2`.
 
-    With ``x = log p``, ``y = log q``, ``delta = x - y`` and the exponent nodes
-    ``n0 = (a+b) y``, ``n1 = a x + b y``, ``n2 = (a+b) x`` (the logs of ``q^(a+b)``, ``p^a q^b``,
-    ``p^(a+b)``), every case is one formula:
+    With `x = log p`, `y = log q`, `delta = x - y` and the exponent nodes
+    `n0 = (a+b) y`, `n1 = a x + b y`, `n2 = (a+b) x` (the logs of `q^(a+b)`, `p^a q^b`,
+    `p^(a+b)`), every case is one formula:
 
         d_k = delta^2 * exp[n0, n1, n2]          (second divided difference of exp)
         w_k = q_k dD/dq_k = -delta * exp[n0, n1]
 
     Divided differences of exp are smooth in their nodes, so the value is continuous in (a, b) by
-    construction and no ``1/(a b)`` is ever formed.
-    ``exp[n0, n1, n2] = e^n0 exp[0, a delta, s delta]`` is a power series in ``delta`` whose
+    construction and no `1/(a b)` is ever formed.
+    `exp[n0, n1, n2] = e^n0 exp[0, a delta, s delta]` is a power series in `delta` whose
     coefficients depend on (a, b) only; it is used where the nodes are close, the
     divided-difference recurrence elsewhere.
     """
@@ -138,7 +138,7 @@ class ABDivergence:
         ]
 
     def _series(self, delta: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
-        """``delta^2 exp[n0, n1, n2]`` by its power series in ``delta`` (for close nodes)."""
+        """`delta^2 exp[n0, n1, n2]` by its power series in `delta` (for close nodes)."""
         series = torch.zeros_like(delta)
         for coefficient in reversed(self._taylor_coefficients()):
             series = series.mul_(delta).add_(coefficient)
@@ -168,10 +168,10 @@ class ABDivergence:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The common case a, b >= 0 (all recipes), with fewer passes over the chunk.
 
-        With ``A = delta exp[n0, n1] = (p^a q^b - q^s) / a`` and
-        ``B = delta exp[n1, n2] = (p^s - p^a q^b) / b``, the recurrence reads ``d = (B - A) / s``
-        and ``w = -A``. Each of A, B is ``-sign(delta) e^max(nodes) expm1(-c |delta|) / c``: no
-        overflow, no cancellation, and the exact limit ``e^n delta`` at ``c = 0``.
+        With `A = delta exp[n0, n1] = (p^a q^b - q^s) / a` and
+        `B = delta exp[n1, n2] = (p^s - p^a q^b) / b`, the recurrence reads `d = (B - A) / s`
+        and `w = -A`. Each of A, B is `-sign(delta) e^max(nodes) expm1(-c |delta|) / c`: no
+        overflow, no cancellation, and the exact limit `e^n delta` at `c = 0`.
         """
         a, b = self.alpha, self.beta
         s = a + b
@@ -252,10 +252,10 @@ class ReverseKL:
 
 @dataclass(frozen=True)
 class GeneralizedJSD:
-    """TRL's generalized Jensen-Shannon divergence (``GKDTrainer.generalized_jsd_loss``).
+    """TRL's generalized Jensen-Shannon divergence (`GKDTrainer.generalized_jsd_loss`).
 
-    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta p + (1 - beta) q``; following
-    TRL, ``beta = 0`` is forward KL(p || q) and ``beta = 1`` is reverse KL(q || p) (the mixture
+    `beta * KL(p || m) + (1 - beta) * KL(q || m)` with `m = beta p + (1 - beta) q`; following
+    TRL, `beta = 0` is forward KL(p || q) and `beta = 1` is reverse KL(q || p) (the mixture
     formula itself would vanish at both ends).
     """
 

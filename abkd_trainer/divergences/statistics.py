@@ -3,18 +3,18 @@
 They are computed from logits that the loss computation already has in hand (a tile of the fused
 kernel, a chunk of the materialised logits), so logging them never rebuilds a logits tensor.
 
-Definitions, per supervised position (``V`` the tokenizer's vocabulary, temperature 1):
+Definitions, per supervised position (`V` the tokenizer's vocabulary, temperature 1):
 
-* ``student_entropy`` / ``teacher_entropy``: ``H(q) = -sum_k q_k log q_k`` in nats, of the model's
+* `student_entropy` / `teacher_entropy`: `H(q) = -sum_k q_k log q_k` in nats, of the model's
   own next-token distribution, i.e. the distribution it samples from at generation time. Loss
   temperature does not enter: it shapes the objective, not the model. The student's is what
-  TRL's ``SFTTrainer`` logs as ``entropy``.
-* ``token_accuracy``: 1 where the student's top-1 token is the target (SFTTrainer's
-  ``mean_token_accuracy``).
-* ``teacher_agreement``: 1 where the student's and the teacher's top-1 tokens are the same.
+  TRL's `SFTTrainer` logs as `entropy`.
+* `token_accuracy`: 1 where the student's top-1 token is the target (SFTTrainer's
+  `mean_token_accuracy`).
+* `teacher_agreement`: 1 where the student's and the teacher's top-1 tokens are the same.
 
-A row whose logits hold a NaN or ``+inf`` has a non-finite entropy (``-inf`` logits, i.e. banned
-tokens, are fine: they contribute ``0 log 0 = 0``), which is how the trainer detects non-finite
+A row whose logits hold a NaN or `+inf` has a non-finite entropy (`-inf` logits, i.e. banned
+tokens, are fine: they contribute `0 log 0 = 0`), which is how the trainer detects non-finite
 outputs without another pass; such a row never counts as agreeing or accurate.
 """
 
@@ -36,9 +36,9 @@ __all__ = [
 
 
 class TokenStatistics(NamedTuple):
-    """Per-row statistics ``(n,)``, or their sums (scalars), in fp32 (float64 for float64 logits).
+    """Per-row statistics `(n,)`, or their sums (scalars), in fp32 (float64 for float64 logits).
 
-    ``teacher_agreement`` and ``token_accuracy`` are 1.0 / 0.0 per row.
+    `teacher_agreement` and `token_accuracy` are 1.0 / 0.0 per row.
     """
 
     student_entropy: torch.Tensor
@@ -48,10 +48,10 @@ class TokenStatistics(NamedTuple):
 
 
 def log_probs_and_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log_probs, probs, entropy)`` of ``(n, V)`` logits, in fp32 or wider.
+    """`(log_probs, probs, entropy)` of `(n, V)` logits, in fp32 or wider.
 
-    ``log_probs`` and ``probs`` are ``(n, V)``, ``entropy`` ``(n,)`` in nats. ``-inf`` logits give
-    probability 0 and no entropy contribution; NaN or ``+inf`` logits give a NaN entropy.
+    `log_probs` and `probs` are `(n, V)`, `entropy` `(n,)` in nats. `-inf` logits give
+    probability 0 and no entropy contribution; NaN or `+inf` logits give a NaN entropy.
     """
     log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     probs = log_probs.exp()
@@ -66,9 +66,9 @@ def row_statistics(
     labels: torch.Tensor,
     student_entropy: torch.Tensor | None = None,
 ) -> TokenStatistics:
-    """Per-row :class:`TokenStatistics` of ``(n, V)`` logits and ``(n,)`` target ids.
+    """Per-row `TokenStatistics` of `(n, V)` logits and `(n,)` target ids.
 
-    ``student_entropy`` may be passed when the caller already has it (the fused kernel shares the
+    `student_entropy` may be passed when the caller already has it (the fused kernel shares the
     student's softmax with its cross-entropy).
     """
     if student_entropy is None:
@@ -86,8 +86,8 @@ def statistics_against_teacher(
     teacher_top1: torch.Tensor,
     labels: torch.Tensor,
 ) -> TokenStatistics:
-    """:class:`TokenStatistics` from the student's ``(n, V)`` logits and ``(n,)`` entropies and
-    whatever summary of the teacher there is: its ``(n,)`` entropies (nats) and top-1 ids (from
+    """`TokenStatistics` from the student's `(n, V)` logits and `(n,)` entropies and
+    whatever summary of the teacher there is: its `(n,)` entropies (nats) and top-1 ids (from
     live logits or a cache). A row whose entropy is not finite never counts as agreeing."""
     finite = torch.isfinite(student_entropy) & torch.isfinite(teacher_entropy)
     student_top1 = student_logits.argmax(-1)
@@ -109,17 +109,17 @@ def token_statistics(
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> TokenStatistics:
-    """Sums of :class:`TokenStatistics` over the positions where ``mask`` is True.
+    """Sums of `TokenStatistics` over the positions where `mask` is True.
 
     Args:
-        student_logits: ``(..., V)`` the student's logits (any float dtype, not modified).
-        teacher_logits: ``(..., V)`` the teacher's, same shape.
-        targets: ``(...)`` next-token ids (only read where ``mask`` is True).
-        mask: ``(...)`` bool, the supervised positions.
-        chunk_size: rows per fp32 temporary; None picks ``default_chunk_size(V, device)``.
+        student_logits: `(..., V)` the student's logits (any float dtype, not modified).
+        teacher_logits: `(..., V)` the teacher's, same shape.
+        targets: `(...)` next-token ids (only read where `mask` is True).
+        mask: `(...)` bool, the supervised positions.
+        chunk_size: rows per fp32 temporary; None picks `default_chunk_size(V, device)`.
 
     Returns:
-        Scalar sums (divide by ``mask.sum()`` for means), fp32 (float64 for float64 logits).
+        Scalar sums (divide by `mask.sum()` for means), fp32 (float64 for float64 logits).
     """
     vocab = student_logits.shape[-1]
     rows = mask.reshape(-1).nonzero().squeeze(-1)

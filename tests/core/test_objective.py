@@ -1,4 +1,5 @@
-"""DistillationObjective on logits: the loss contract against a float64 reference."""
+"""DistillationObjective: the loss contract against a float64 reference on logits, and the fused
+routes (hidden states and heads) against the logits route."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from abkd_trainer.core.objective import (
     IGNORE_INDEX,
     METRIC_SUMS,
     DistillationObjective,
+    HiddenStates,
+    LinearHead,
     standardize_logits,
 )
+from abkd_trainer.divergences.coarsened import CachedTeacher
+from abkd_trainer.divergences.projection import LogitTransform
 
 
 def _reference_ab(teacher_probs, student_probs, alpha, beta):
@@ -128,3 +133,134 @@ def test_vocab_size_cuts_padded_columns():
 def test_standardized_constant_row_is_finite():
     row = torch.full((2, 4), 3.0)
     assert torch.equal(standardize_logits(row), torch.zeros(2, 4))
+
+
+# ----------------------------------------------------------------------------- fused routes
+
+
+def _heads(seed: int, positions=(2, 6), hidden=8, rows=23, bias=True):
+    """Float64 hidden states and a head with `rows` rows (padded beyond the vocabulary)."""
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(*positions, hidden, generator=generator, dtype=torch.float64)
+    weight = torch.randn(rows, hidden, generator=generator, dtype=torch.float64) / hidden**0.5
+    head_bias = torch.randn(rows, generator=generator, dtype=torch.float64) if bias else None
+    return states, weight * 2.0, head_bias
+
+
+def _logits(states, weight, bias, transform):
+    """What the model computes: `transform(states @ weight.T + bias)`."""
+    raw = F.linear(states, weight, bias) * transform.scale
+    return (
+        raw
+        if transform.softcap is None
+        else transform.softcap * torch.tanh(raw / transform.softcap)
+    )
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _targets(seed: int, shape=(2, 6), vocab=20):
+    targets = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    targets[0, :2] = IGNORE_INDEX
+    targets[1, -1] = IGNORE_INDEX
+    return targets
+
+
+def _assert_same_output(fused, logits, fused_grads, logits_grads):
+    torch.testing.assert_close(fused.loss_sum, logits.loss_sum, rtol=1e-9, atol=1e-10)
+    for name in METRIC_SUMS:
+        torch.testing.assert_close(
+            fused.sums[name].to(logits.sums[name].dtype), logits.sums[name], msg=name
+        )
+    for ours, theirs in zip(fused_grads, logits_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "parameters"),
+    [("ab", {"alpha": 0.2, "beta": 0.7}), ("jsd", {"beta": 0.5}), ("rkl", {})],
+)
+def test_hidden_states_route_equals_the_logits_route(divergence, parameters):
+    """Live teacher: the fused objective on hidden states and heads (padded, soft-capped,
+    scaled) equals the logits objective on the logits those heads produce, sums included."""
+    vocab = 20
+    objective = DistillationObjective(
+        divergence,
+        parameters=parameters,
+        temperature=1.5,
+        divergence_weight=0.7,
+        ce_weight=0.3,
+        vocab_size=vocab,
+        chunk_size=4,
+    )
+    student_transform, teacher_transform = LogitTransform(0.8, 5.0), LogitTransform(softcap=7.0)
+    student = _heads(1)
+    teacher_states, teacher_weight, teacher_bias = _heads(2, hidden=12, rows=25)
+    teacher_logits = _logits(teacher_states, teacher_weight, teacher_bias, teacher_transform)
+    targets = _targets(3, vocab=vocab)
+
+    logits_leaves = _leaves(*student)
+    logits_route = objective.loss_from_logits(
+        _logits(*logits_leaves, student_transform), teacher_logits, targets, parameters
+    )
+    logits_route.loss_sum.backward()
+
+    fused_leaves = _leaves(*student)
+    fused_route = objective.loss_from_hidden_states(
+        HiddenStates(
+            fused_leaves[0], LinearHead(fused_leaves[1], fused_leaves[2], student_transform)
+        ),
+        HiddenStates(teacher_states, LinearHead(teacher_weight, teacher_bias, teacher_transform)),
+        targets,
+        parameters,
+    )
+    fused_route.loss_sum.backward()
+    _assert_same_output(
+        fused_route,
+        logits_route,
+        [leaf.grad for leaf in fused_leaves],
+        [leaf.grad for leaf in logits_leaves],
+    )
+
+
+@pytest.mark.parametrize("top_k", [3, 20])
+def test_hidden_states_route_equals_the_logits_route_against_a_cache(top_k):
+    vocab = 20
+    objective = DistillationObjective(
+        "ab", temperature=1.2, divergence_weight=0.6, ce_weight=0.4, vocab_size=vocab, chunk_size=3
+    )
+    parameters = {"alpha": 0.3, "beta": 0.5}
+    targets = _targets(4, vocab=vocab)
+    teacher_logits = torch.randn(2, 6, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    cached = CachedTeacher.from_logits(teacher_logits[targets != IGNORE_INDEX].double(), top_k)
+    student, transform = _heads(6, bias=False), LogitTransform(softcap=4.0)
+
+    logits_leaves = _leaves(*student)
+    logits_route = objective.loss_from_logits(
+        _logits(*logits_leaves, transform), cached, targets, parameters
+    )
+    logits_route.loss_sum.backward()
+    fused_leaves = _leaves(*student)
+    fused_route = objective.loss_from_hidden_states(
+        HiddenStates(fused_leaves[0], LinearHead(fused_leaves[1], None, transform)),
+        cached,
+        targets,
+        parameters,
+    )
+    fused_route.loss_sum.backward()
+    _assert_same_output(
+        fused_route,
+        logits_route,
+        [leaf.grad for leaf in fused_leaves[:2]],
+        [leaf.grad for leaf in logits_leaves[:2]],
+    )
+
+
+def test_hidden_states_route_refuses_logit_standardization():
+    states, weight, bias = _heads(7)
+    head = HiddenStates(states, LinearHead(weight, bias))
+    objective = DistillationObjective("fkl", vocab_size=20, logit_standardization=True)
+    with pytest.raises(ValueError, match="loss_from_logits"):
+        objective.loss_from_hidden_states(head, head, _targets(8), {})
