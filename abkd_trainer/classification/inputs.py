@@ -98,9 +98,10 @@ class ClassifierDistillationCollator:
     Args:
         processing_class: the student's image processor, tokenizer, feature extractor or
             processor; None collates processed features as they are (stacked).
-        teacher_processing_class: the teacher's; None gives the teacher no inputs of its own
-            (it then shares the student's, see `split_model_inputs`), unless the examples carry
-            `teacher_` features.
+        teacher_processing_class: the teacher's: it processes the raw input, or pads the
+            examples' `teacher_` features (a tokenizer). None collates `teacher_` features as
+            they are, and without them the teacher shares the student's inputs (see
+            `split_model_inputs`).
         input_column: the column with the raw input; None takes the first of
             `RAW_INPUT_COLUMNS` present in the examples.
         max_length: longest tokenised text (truncated beyond it); None uses each tokenizer's

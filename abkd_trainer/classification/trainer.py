@@ -133,15 +133,8 @@ class ABKDClassifierTrainer(Trainer):
             # Before Trainer creates the Hub repository, and long before the upload at the end.
             check_hub_access(args.hub_token)
         self.peft_config = peft_config
-        if isinstance(model, str):
-            model = load_classifier(model, args.model_init_kwargs, who="student")
-        elif args.model_init_kwargs is not None:
-            raise ValueError(
-                "`model_init_kwargs` only applies to a student given by name, but `model` is "
-                "already instantiated (or built by `model_init`). Drop `model_init_kwargs`."
-            )
         if model is not None:
-            model = self._prepare_student(model, args)
+            model = self._prepare_student(student_from_argument(model, args), args)
         self.teacher_processing_class = teacher_processing_class
         if data_collator is None and teacher_processing_class is not None:
             data_collator = ClassifierDistillationCollator(
@@ -448,6 +441,22 @@ def check_logit_shapes(
             f"labels {tuple(labels.shape)}. Token classification or multi-label models are not "
             "supported; check that both models see the same batch."
         )
+
+
+def student_from_argument(model: str | nn.Module, args: ABKDClassifierConfig) -> nn.Module:
+    """The student: `model` itself, or loaded by name with `args.model_init_kwargs`.
+
+    Raises:
+        ValueError: `model_init_kwargs` with an instantiated student.
+    """
+    if isinstance(model, str):
+        return load_classifier(model, args.model_init_kwargs, who="student")
+    if args.model_init_kwargs is not None:
+        raise ValueError(
+            "`model_init_kwargs` only applies to a student given by name, but `model` is "
+            "already instantiated (or built by `model_init`). Drop `model_init_kwargs`."
+        )
+    return model
 
 
 def checked_teacher_argument(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 from classifier_factories import build_image_trainer, classifier_training_kwargs
@@ -94,3 +96,15 @@ def test_training_arguments_are_converted(tmp_path):
 def test_config_docstring_maps_hintons_kd():
     assert "kd_weight = lambda * T**2" in ABKDClassifierConfig.__doc__
     assert "ce_weight = 1 - lambda" in ABKDClassifierConfig.__doc__
+
+
+def test_the_classifier_package_imports_neither_the_lm_package_nor_trl():
+    code = (
+        "import sys, abkd_trainer.classification.trainer; "
+        "print([m for m in sys.modules if m.startswith(('abkd_trainer.lm', 'abkd_trainer.tools', "
+        "'trl'))])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
