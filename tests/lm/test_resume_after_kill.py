@@ -89,11 +89,13 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_student(preempt
     expected = load_file(work_dir / mode / "uninterrupted" / "model.safetensors")
     observed = load_file(work_dir / mode / "killed" / "model.safetensors")
     assert observed.keys() == expected.keys()
+    # Bit for bit: the runs are on the CPU with one thread, whose kernels are deterministic (the
+    # issue asks for float tolerance; a resumed run that differed anywhere would show here).
     for name, tensor in expected.items():
-        torch.testing.assert_close(observed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(observed[name], tensor), name
     # The same trajectory, step by step, and the on-policy runs really sampled after a restart.
     full, killed = (log_history(work_dir / mode / run) for run in ("uninterrupted", "killed"))
-    assert step_logs(killed, "loss") == pytest.approx(step_logs(full, "loss"), rel=1e-6)
+    assert step_logs(killed, "loss") == step_logs(full, "loss")
     if mode != "off_policy":
         fractions = step_logs(killed, "on_policy_fraction")
         assert fractions == step_logs(full, "on_policy_fraction")
