@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
@@ -20,11 +22,13 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.models.auto import modeling_auto
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftConfig, PeftModel
 
+logger = logging.getLogger(__name__)
 __all__ = [
     "CLASSIFICATION_TASKS",
     "classification_task",
@@ -33,6 +37,7 @@ __all__ = [
     "load_classifier",
     "model_name",
     "prepare_teacher",
+    "restore_renamed_checkpoint_weights",
     "wrap_with_peft",
 ]
 
@@ -176,6 +181,44 @@ def wrap_with_peft(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
     modules = list(getattr(config, "modules_to_save", None) or [])
     config.modules_to_save = modules + [name for name in head if name not in modules]
     return get_peft_model(model, config)
+
+
+def restore_renamed_checkpoint_weights(model: nn.Module, checkpoint: str | os.PathLike) -> bool:
+    """Load a checkpoint's weights into `model` when they were saved under other key names.
+
+    transformers 5 saves some models (ViT, for one) under their original checkpoint key names
+    and renames the keys back in `from_pretrained`, but `Trainer` resumes with
+    `load_state_dict(strict=False)` on the saved keys, which then match nothing, so the run would
+    silently continue from the weights it was built with (transformers issue #43701). When the
+    saved keys are not the model's, the weights are loaded here through `from_pretrained`;
+    Trainer's own load then changes nothing (and warns about the keys it could not place).
+
+    Args:
+        model: the student as trained (not a PEFT or DeepSpeed-wrapped model).
+        checkpoint: a `checkpoint-<step>` folder written by Trainer.
+
+    Returns:
+        Whether the weights were loaded here.
+    """
+    from accelerate.utils import is_peft_model
+    from safetensors import safe_open
+
+    weights = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+    if is_peft_model(model) or not os.path.isfile(weights):
+        return False  # adapters are loaded by PEFT; sharded or .bin checkpoints are left alone
+    with safe_open(weights, framework="pt") as handle:
+        saved_keys = set(handle.keys())
+    if saved_keys <= set(model.state_dict()):
+        return False
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    reloaded = type(model).from_pretrained(checkpoint, dtype=dtype, device_map=None)
+    model.load_state_dict(reloaded.state_dict())
+    logger.info(
+        "Loaded the student from %s with its saved key names converted; Trainer's warnings "
+        "about missing and unexpected keys that follow are expected.",
+        checkpoint,
+    )
+    return True
 
 
 def _base_model(model: nn.Module) -> nn.Module:

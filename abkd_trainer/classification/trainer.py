@@ -45,6 +45,7 @@ from abkd_trainer.classification.models import (
     load_classifier,
     model_name,
     prepare_teacher,
+    restore_renamed_checkpoint_weights,
     wrap_with_peft,
 )
 from abkd_trainer.core.checkpoints import prepare_output_dir
@@ -378,12 +379,18 @@ class ABKDClassifierTrainer(Trainer):
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> TrainOutput:
-        """Trainer's `train`; `resume_from_checkpoint=True` skips incomplete checkpoints, and
+        """Trainer's `train`; `resume_from_checkpoint=True` skips incomplete checkpoints,
         starting afresh in an `output_dir` holding an earlier run warns (see
-        `abkd_trainer.core.checkpoints.prepare_output_dir`)."""
+        `abkd_trainer.core.checkpoints.prepare_output_dir`), and a student saved under renamed
+        keys is restored (see `restore_renamed_checkpoint_weights`)."""
         resume_from_checkpoint = prepare_output_dir(
             self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
         )
+        # Trainer's resume misses weights saved under renamed keys (ViT in transformers 5);
+        # DeepSpeed and FSDP restore their own checkpoints, model_init rebuilds the student.
+        distributed_checkpoint = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if resume_from_checkpoint and not distributed_checkpoint and self.model_init is None:
+            restore_renamed_checkpoint_weights(self.model, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

@@ -325,3 +325,29 @@ def test_missing_teacher_and_labels_are_explained(tmp_path):
     trainer = build_image_trainer(tmp_path, train_dataset=build_image_dataset(with_labels=False))
     with pytest.raises(KeyError, match=r"class ids in every batch under `labels`"):
         trainer.train()
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+    def run(output_dir, **kwargs):
+        trainer = build_image_trainer(
+            output_dir,
+            student=build_vit_classifier(hidden_size=16, num_layers=1, seed=4),
+            max_steps=4,
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        trainer.train(**kwargs)
+        return trainer
+
+    uninterrupted = run(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    saved = {path.name for path in checkpoint.iterdir()}
+    assert "model.safetensors" in saved and "optimizer.pt" in saved
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+    for name, value in parameters(uninterrupted.model).items():
+        torch.testing.assert_close(parameters(resumed.model)[name], value, rtol=1e-6, atol=1e-8)
+    losses = [log["kd_loss"] for log in resumed.state.log_history if "kd_loss" in log]
+    expected = [log["kd_loss"] for log in uninterrupted.state.log_history if "kd_loss" in log]
+    # The resumed history is the checkpoint's (steps 1-2) followed by steps 3-4 trained anew.
+    assert losses == pytest.approx(expected, rel=1e-6)
