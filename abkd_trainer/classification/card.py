@@ -18,7 +18,14 @@ _NO_DATASET = " on the None dataset."
 def distillation_settings(
     args: Any, *, teacher: str, label_permutation: Sequence[int] | None
 ) -> dict[str, object]:
-    """The rows of the card's distillation table: teacher, divergence, parameters, weights."""
+    """The rows of the card's distillation table: teacher, divergence, parameters, weights.
+
+    Args:
+        args: the run's `ABKDClassifierConfig`.
+        teacher: the teacher's Hub id or folder name.
+        label_permutation: the teacher's column of each student class when they were
+            re-ordered (see `abkd_trainer.classification.labels`), else None.
+    """
     from abkd_trainer.core.schedules import effective_warmup_ratio
     from abkd_trainer.divergences.registry import divergence_config_fields
 
@@ -89,11 +96,14 @@ def add_classifier_card_sections(
     """`card_text` (transformers' card) with the distillation section and the evaluation.
 
     Args:
+        card_text: the card Trainer wrote (`README.md`).
         settings: from `distillation_settings`.
-        model_name, model_location: the saved student's name and folder (or Hub id).
+        model_name: the saved student's name.
+        model_location: the saved student's folder or Hub id.
         last_evaluation: the latest evaluation log (`eval_accuracy`, `eval_teacher_accuracy`,
             ...), or None when the student was never evaluated (no `model-index` then).
-        task, dataset: as in `accuracy_eval_result`.
+        task: as in `accuracy_eval_result`.
+        dataset: as in `accuracy_eval_result`.
     """
     card_text = card_text.replace(_EMPTY_BASE_MODEL, "This model is a student distilled with ABKD")
     card_text = card_text.replace(_NO_DATASET, ".")

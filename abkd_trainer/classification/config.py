@@ -15,7 +15,7 @@ __all__ = ["ABKDClassifierConfig"]
 
 @dataclass
 class ABKDClassifierConfig(DivergenceArguments, TrainingArguments):
-    r"""Configuration of [`ABKDClassifierTrainer`]: `TrainingArguments` plus the distillation loss.
+    r"""Configuration of `ABKDClassifierTrainer`: `TrainingArguments` plus the distillation loss.
 
     For a batch of `N` counted examples (`labels != -100`; over the whole accumulated batch of
     every process, so that gradient accumulation and data parallelism give the update of one
@@ -41,9 +41,10 @@ class ABKDClassifierConfig(DivergenceArguments, TrainingArguments):
         ce_weight (`float`, defaults to `1.0`): weight of the cross-entropy with the labels, >= 0
             (0 leaves it out of the gradient; it is still logged). Not both 0.
         temperature (`float`, defaults to `4.0`): divides both logit rows inside `D`.
-        alpha, beta (`float`, default to `0.8`, `0.3`): the alpha-beta divergence's parameters
-            (the authors' image-classification setting; `(1, 0)` is forward KL, `(0, 1)`
-            reverse KL).
+        alpha (`float`, defaults to `0.8`): alpha of the alpha-beta divergence (the authors'
+            image-classification setting with beta 0.3; `(1, 0)` is forward KL, `(0, 1)` reverse
+            KL).
+        beta (`float`, defaults to `0.3`): beta of the alpha-beta divergence.
         ab_warmup_ratio (`float`, defaults to `0.0`): fraction of the training steps over which
             `(alpha, beta)` moves from `(ab_warmup_start_alpha, ab_warmup_start_beta)` (forward
             KL) to `(alpha, beta)`; 0 (default) starts at `(alpha, beta)`, as the authors'

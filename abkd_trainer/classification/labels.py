@@ -110,8 +110,10 @@ def align_label_spaces(
     `student_config`, in place).
 
     Args:
-        student_config, teacher_config: the models' configs (`num_labels`, `id2label`).
-        student_name, teacher_name: how to name the models in error messages.
+        student_config: the student's config (`num_labels`, `id2label`).
+        teacher_config: the teacher's config.
+        student_name: how to name the student in error messages.
+        teacher_name: how to name the teacher in error messages.
 
     Returns:
         The alignment to apply to the teacher's logits.

@@ -92,7 +92,14 @@ class ABKDClassifierTrainer(Trainer):
             collator then runs both on the raw `image` / `text` / `audio` column.
         peft_config: adapters for the student (e.g. LoRA); its head modules (the children
             beside the backbone, e.g. `classifier`) are added to `modules_to_save`.
-        train_dataset, eval_dataset, model_init, compute_metrics, callbacks, optimizers,
+        train_dataset: as in `Trainer`.
+        eval_dataset: as in `Trainer`.
+        model_init: as in `Trainer`; each student it builds is prepared like `model` (PEFT,
+            dropout, the teacher's class names).
+        compute_metrics: as in `Trainer`; a metric it returns wins over the logged one of the
+            same name (e.g. `accuracy`).
+        callbacks: as in `Trainer`.
+        optimizers: as in `Trainer`.
         preprocess_logits_for_metrics: as in `Trainer`.
 
     The prepared teacher is `self.teacher_model`: frozen, in eval mode, run under
