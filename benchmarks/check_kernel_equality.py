@@ -147,7 +147,7 @@ def record(
     *,
     grad: bool = True,
 ) -> None:
-    """Run ``run`` on fresh leaves and store its outputs and the student's gradients."""
+    """Run `run` on fresh leaves and store its outputs and the student's gradients."""
     leaves = fresh_leaves(tensors)
     with nullcontext() if grad else torch.no_grad():
         output = run(leaves)
@@ -188,7 +188,7 @@ def pointwise_rows(rows_times_vocab: int) -> Iterator[None]:
 
 
 def live(leaves: dict, *args, **kwargs):
-    """``fused_linear_divergence`` on a heads dict."""
+    """`fused_linear_divergence` on a heads dict."""
     return fused_linear_divergence(
         leaves["student_hidden"],
         leaves["student_weight"],
@@ -386,7 +386,7 @@ def logits_of(seed: int, *shape: int, scale: float = 3.0) -> torch.Tensor:
 
 
 def coarsened_cases(results: Results) -> None:
-    """``coarsened_divergence`` on the cases of test_coarsened.py."""
+    """`coarsened_divergence` on the cases of test_coarsened.py."""
     vocab = 37
     student = {"student_hidden": logits_of(0, 3, 5, vocab)}
     teacher = logits_of(1, 3, 5, vocab)
@@ -452,7 +452,7 @@ def fused_cached(leaves: dict, cached: CachedTeacher, *args, **kwargs):
 
 
 def fused_coarsened_cases(results: Results) -> None:
-    """``fused_linear_coarsened_divergence`` on the cases of test_coarsened.py, and more."""
+    """`fused_linear_coarsened_divergence` on the cases of test_coarsened.py, and more."""
     vocab, k = 29, 6
     generator = torch.Generator().manual_seed(11)
     student = {

@@ -1,9 +1,11 @@
 """Divergences between teacher and student token distributions.
 
 `pointwise` holds the per-vocabulary-entry math, `chunked` the memory-efficient driver over
-logits, `functional` the public functions, `registry` the one map from names to them,
-`fused_linear` the variant that starts from hidden states and LM heads and never builds the
-logits.
+logits, `functional` the public functions, `registry` the one map from names to them and to
+their configuration fields. The fused kernels start from hidden states and LM heads and never
+build the logits: `fused_tiles` is their tile engine (with `projection`, the head's primitives,
+and `fused_inputs`, the shared argument checks), `fused_linear` the live teacher and `coarsened`
+a cached top-k teacher (with its logits-based counterpart).
 """
 
 from abkd_trainer.divergences.functional import (
