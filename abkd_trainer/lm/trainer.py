@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,18 +26,13 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
     disable_dropout_in_model,
-    get_config_model_id,
     maybe_gather_lm_head_ctx,
 )
 
 from abkd_trainer.core.checkpoints import prepare_output_dir
 from abkd_trainer.core.collapse_guard import CollapseGuardCallback
 from abkd_trainer.core.hub import check_hub_access
-from abkd_trainer.core.model_card import (
-    add_distillation_section,
-    add_rouge_l_results,
-    hub_id_or_name,
-)
+from abkd_trainer.core.metric_sums import MetricSums
 from abkd_trainer.core.numerics import check_finite_step
 from abkd_trainer.core.objective import (
     METRIC_SUMS,
@@ -46,21 +40,22 @@ from abkd_trainer.core.objective import (
     HiddenStates,
     LinearHead,
 )
-from abkd_trainer.core.schedules import effective_warmup_ratio, scheduled_alpha_beta
+from abkd_trainer.core.schedules import scheduled_alpha_beta
 from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.coarsened import CachedTeacher
-from abkd_trainer.divergences.registry import divergence_config_fields
 from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
-from abkd_trainer.lm.compatibility import check_position_limits
 from abkd_trainer.lm.config import ABKDConfig
 from abkd_trainer.lm.data import check_sft_datasets, check_supervised_tokens
+from abkd_trainer.lm.model_card_settings import (
+    ABKD_PAPER,
+    add_distillation_card_sections,
+    distillation_card_settings,
+)
 from abkd_trainer.lm.models import (
     causal_lm,
-    check_shared_vocabulary,
     check_startup_outputs,
     final_hidden_states,
     fused_logit_transforms,
-    load_teacher,
     prepare_teacher,
 )
 from abkd_trainer.lm.on_policy import (
@@ -68,7 +63,6 @@ from abkd_trainer.lm.on_policy import (
     OnPolicySchedule,
     build_on_policy_batches,
     build_on_policy_schedule,
-    on_policy_settings,
 )
 from abkd_trainer.lm.teacher_cache import (
     ROW_COLUMN,
@@ -77,6 +71,8 @@ from abkd_trainer.lm.teacher_cache import (
     preprocessing_settings,
     train_from_cache,
 )
+from abkd_trainer.lm.teacher_setup import load_checked_teacher
+from abkd_trainer.lm.trainer_arguments import resolve_trainer_arguments
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -127,24 +123,7 @@ class ABKDTrainer(SFTTrainer):
 
     _tag_names = ["trl", "abkd", "knowledge-distillation"]
     _name = "ABKD"
-    _paper = {
-        "title": "ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge "
-        "Distillation via α-β-Divergence",
-        "id": "2505.04560",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @inproceedings{wang2025abkd,
-                title        = {{ABKD: Pursuing a Proper Allocation of the Probability Mass in
-                                 Knowledge Distillation via $\\alpha$-$\\beta$-Divergence}},
-                author       = {Guanghui Wang and Zhiyong Yang and Zitai Wang and Shi Wang and
-                                Qianqian Xu and Qingming Huang},
-                year         = 2025,
-                booktitle    = {Proceedings of the 42nd International Conference on Machine
-                                Learning, {ICML} 2025},
-                eprint       = {2505.04560},
-                archivePrefix = {arXiv},
-            }"""),
-    }
+    _paper = ABKD_PAPER  # cited in the model card TRL writes
     # compute_loss divides by the token count of the whole accumulated batch (get_batch_samples).
     loss_is_scaled_for_ga = True
 
@@ -175,7 +154,9 @@ class ABKDTrainer(SFTTrainer):
         peft_config: PeftConfig | None = None,
         formatting_func: Callable[[dict], str] | None = None,
     ) -> None:
-        args, teacher_model = _checked_arguments(args, model, teacher_model, compute_loss_func)
+        args, teacher_model = resolve_trainer_arguments(
+            args, model, teacher_model, compute_loss_func
+        )
 
         if args.push_to_hub and args.process_index == 0:
             # Before Trainer creates the Hub repository, and long before the upload at the end:
@@ -241,52 +222,29 @@ class ABKDTrainer(SFTTrainer):
     ) -> dict[str, nn.Module]:
         """Load the teacher (given by name), check it against the student and prepare it.
 
-        Sets ``teacher_name``, ``vocab_size`` and ``teacher_model``. Returns role -> model as
-        given (``"student"``, and ``"teacher"`` unless training from a cache).
+        Sets `teacher_name`, `vocab_size` and `teacher_model`. Returns role -> model as given
+        (`"student"`, and `"teacher"` unless training from a cache).
         """
-        args = self.args
-        # Loaded after the training arguments and the accelerator exist, so that under ZeRO-3 the
-        # teacher is created sharded (zero.Init) like the student.
-        teacher_source = teacher_model if isinstance(teacher_model, str) else None
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, args)
-        self.teacher_name = (
-            self.teacher_cache.manifest.teacher
-            if teacher_model is None
-            else teacher_source
-            or get_config_model_id(teacher_model.config)
-            or type(teacher_model).__name__
+        cache = self.teacher_cache
+        teacher = load_checked_teacher(
+            teacher_model,
+            student=self.model,
+            tokenizer=self._tokenizer,
+            args=self.args,
+            cached_teacher_name=None if cache is None else cache.manifest.teacher,
         )
-
+        self.teacher_name = teacher.name
         # Both logit tensors are compared over the tokenizer's real vocabulary; rows beyond it are
         # embedding padding (e.g. Qwen2.5: 151665 tokens, 151936 or 152064 rows) and never targets.
         self.vocab_size = len(self._tokenizer)
-        check_shared_vocabulary(
-            self.model,
-            teacher_model,
-            self._tokenizer,
-            teacher_name=self.teacher_name,
-            teacher_source=teacher_source,
-            trust_remote_code=args.trust_remote_code,
-        )
-        # Role -> model as given; the teacher is absent when training from a cache.
-        models = {"student": self.model, "teacher": teacher_model}
-        models = {role: model for role, model in models.items() if model is not None}
-        check_position_limits(
-            args.max_length,
-            {role: causal_lm(model) for role, model in models.items()},
-            packing=args.packing,
-        )
-
-        if args.disable_dropout:
+        if self.args.disable_dropout:
             disable_dropout_in_model(self.model)
-
         self.teacher_model = (
             None
-            if teacher_model is None
-            else prepare_teacher(teacher_model, self.accelerator, self.is_deepspeed_enabled)
+            if teacher.model is None
+            else prepare_teacher(teacher.model, self.accelerator, self.is_deepspeed_enabled)
         )
-        return models
+        return teacher.models
 
     def _set_up_loss(self, models: dict[str, nn.Module]) -> None:
         """The objective, the fused loss's logit transforms (checked at start-up) and the metric
@@ -312,12 +270,7 @@ class ABKDTrainer(SFTTrainer):
         # reduction, working. TRL's DistillationTrainer does the same.
         self._forward_redirection = _ForwardRedirection()
         # Kept on the device between logs: adding to them never waits for the accelerator.
-        self._metric_sums = {
-            mode: torch.zeros(
-                len(_METRIC_SUMS), dtype=torch.float64, device=self.accelerator.device
-            )
-            for mode in ("train", "eval")
-        }
+        self._metric_sums = MetricSums(_METRIC_SUMS, self.accelerator.device)
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
 
@@ -450,19 +403,8 @@ class ABKDTrainer(SFTTrainer):
         )
         if mode == "train":
             sums["num_input_tokens"] = input_token_count(inputs)
-        self._add_metric_sums(mode, sums)
+        self._metric_sums.add(mode, sums)
         self._last_divergence_params[mode] = divergence_params
-
-    def _add_metric_sums(self, mode: str, sums: dict[str, torch.Tensor]) -> None:
-        """Add one micro-batch's sums (names from ``_METRIC_SUMS``; missing ones count 0)."""
-        unknown = set(sums) - set(_METRIC_SUMS)
-        if unknown:
-            raise KeyError(f"Unknown metric sums {sorted(unknown)}; add them to _METRIC_SUMS.")
-        totals = self._metric_sums[mode]
-        zero = totals.new_zeros(())
-        totals += torch.stack(
-            [sums[name].detach().to(totals) if name in sums else zero for name in _METRIC_SUMS]
-        )
 
     def _logits_forwards(
         self,
@@ -575,9 +517,7 @@ class ABKDTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         # Every process calls log() at the same points, so this reduction cannot deadlock.
-        sums = self.accelerator.reduce(self._metric_sums[mode], reduction="sum")
-        totals = dict(zip(_METRIC_SUMS, sums.tolist(), strict=True))  # read before the reset
-        self._metric_sums[mode].zero_()
+        totals = self._metric_sums.pop(mode, self.accelerator)
         # SFTTrainer's running count of input tokens (padding excluded) over training.
         self._total_train_tokens += int(totals["num_input_tokens"]) // self._tp_size
         metrics: dict[str, float] = {}
@@ -633,44 +573,18 @@ class ABKDTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        card_path = Path(self.args.output_dir) / "README.md"
-        settings = {
-            "Teacher": hub_id_or_name(self.teacher_name),
-            "Divergence": self.args.divergence,
-        }
-        if self.teacher_cache is not None:
-            settings["Teacher cache"] = f"top-{self.teacher_cache.top_k} log-probabilities"
-        settings.update(self._divergence_settings())
-        settings.update(temperature=self.args.temperature, kd_ratio=self.args.kd_ratio)
-        settings.update(on_policy_settings(self.args))
-        card_text = add_distillation_section(
-            card_path.read_text(encoding="utf-8"),
-            settings,
+        add_distillation_card_sections(
+            Path(self.args.output_dir) / "README.md",
+            distillation_card_settings(
+                self.args,
+                self.teacher_name,
+                cache_top_k=None if self.teacher_cache is None else self.teacher_cache.top_k,
+            ),
             model_location=self.hub_model_id or str(self.args.output_dir),
-        )
-        card_text = add_rouge_l_results(
-            card_text,
-            self.callback_handler.callbacks,
+            callbacks=self.callback_handler.callbacks,
             model_name=model_name or Path(self.args.output_dir).name,
             global_step=self.state.global_step,
         )
-        card_path.write_text(card_text, "utf-8")
-
-    def _divergence_settings(self) -> dict[str, Any]:
-        """The model card's divergence settings: the fields the registry names for it (its
-        parameters, and the schedule fields that are set), then the (alpha, beta) warm-up."""
-        args = self.args
-        settings = {
-            field: getattr(args, field)
-            for field in divergence_config_fields(args.divergence)
-            if getattr(args, field) is not None
-        }
-        if self.objective.spec.scheduled:
-            if args.ab_warmup_steps > 0:
-                settings["ab_warmup_steps"] = args.ab_warmup_steps
-            else:
-                settings["ab_warmup_ratio"] = effective_warmup_ratio(args)
-        return settings
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (never the teacher) and, when called by the user, its model card."""
@@ -682,62 +596,3 @@ class ABKDTrainer(SFTTrainer):
         card_path = Path(self.args.output_dir) / "README.md"
         if Path(output_dir).resolve() != Path(self.args.output_dir).resolve():
             shutil.copyfile(card_path, Path(output_dir) / "README.md")
-
-
-def _checked_arguments(
-    args: ABKDConfig | TrainingArguments | None,
-    model: Any,
-    teacher_model: str | PreTrainedModel | nn.Module | None,
-    compute_loss_func: Callable | None,
-) -> tuple[ABKDConfig, str | PreTrainedModel | nn.Module | None]:
-    """``args`` as an ABKDConfig, and the teacher (by default ``args.teacher_model_name_or_path``).
-
-    Raises:
-        ValueError: a ``compute_loss_func``; both a teacher and a teacher cache, or neither;
-            ``teacher_model_init_kwargs`` with an instantiated teacher.
-    """
-    if compute_loss_func is not None:
-        raise ValueError(
-            "ABKDTrainer does not take `compute_loss_func`: its loss is the distillation "
-            "objective set by ABKDConfig (`divergence`, `alpha`, `beta`, `temperature`, "
-            "`kd_ratio`), computed from both models' outputs, which a function of the "
-            "student's outputs alone cannot see. Subclass ABKDTrainer and override "
-            "`compute_loss` to change it."
-        )
-    args = _as_abkd_config(args, model)
-    if teacher_model is None:
-        teacher_model = args.teacher_model_name_or_path
-    if args.teacher_cache is not None and teacher_model is not None:
-        raise ValueError(
-            "`teacher_cache` replaces the teacher: pass no `teacher_model` when training "
-            "from a teacher cache (its manifest names the teacher that wrote it)."
-        )
-    if teacher_model is None and args.teacher_cache is None:
-        raise ValueError(
-            "ABKDTrainer needs a teacher: pass `teacher_model=` (a model or a name/path), "
-            "set `teacher_model_name_or_path` in ABKDConfig, or train from a cache written "
-            "by abkd-cache-teacher with `teacher_cache`."
-        )
-    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
-        raise ValueError(
-            "`teacher_model_init_kwargs` only applies to a teacher given by name, but "
-            "`teacher_model` is already instantiated. Load it with those arguments yourself, "
-            "or pass its name instead."
-        )
-    return args, teacher_model
-
-
-def _as_abkd_config(args: ABKDConfig | TrainingArguments | None, model: Any) -> ABKDConfig:
-    """Return ``args`` as an ABKDConfig (SFTTrainer does the same for SFTConfig)."""
-    if args is None:
-        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-        return ABKDConfig(f"{str(model_name).split('/')[-1]}-ABKD")
-    if isinstance(args, ABKDConfig):
-        return args
-    if isinstance(args, TrainingArguments):
-        dict_args = args.to_dict()
-        dict_args["hub_token"] = args.hub_token  # to_dict hides it
-        return ABKDConfig(**dict_args)
-    raise TypeError(
-        f"`args` must be an ABKDConfig or TrainingArguments, got {type(args).__name__}."
-    )

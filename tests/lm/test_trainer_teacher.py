@@ -79,7 +79,7 @@ def test_teacher_given_by_path_is_loaded_with_its_init_kwargs(tmp_path):
     )
     assert {p.dtype for p in trainer.teacher_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
-    assert trainer._teacher_name == teacher_dir
+    assert trainer.teacher_name == teacher_dir
     metrics = trainer.evaluate(build_prompt_completion_dataset(4))
     assert 0 < metrics["eval_kd_loss"] < float("inf")
 
@@ -99,7 +99,7 @@ def test_teacher_defaults_to_the_configured_name_or_path(tmp_path):
         train_dataset=build_prompt_completion_dataset(4),
         processing_class=tokenizer,
     )
-    assert trainer._teacher_name == teacher_dir
+    assert trainer.teacher_name == teacher_dir
     loaded = dict(trainer.teacher_model.named_parameters())
     for name, p in teacher.named_parameters():
         torch.testing.assert_close(loaded[name], p)
