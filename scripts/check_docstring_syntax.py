@@ -48,10 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PENDING_CONVERSION: tuple[str, ...] = (
     "abkd_trainer/__init__.py",
     "abkd_trainer/__main__.py",
-    "abkd_trainer/classification/card.py",
-    "abkd_trainer/classification/config.py",
-    "abkd_trainer/classification/labels.py",
-    "abkd_trainer/classification/trainer.py",
+    "abkd_trainer/classification/data.py",
+    "abkd_trainer/classification/report.py",
     "abkd_trainer/cli/__init__.py",
     "abkd_trainer/lm/__init__.py",
     "abkd_trainer/lm/config.py",
