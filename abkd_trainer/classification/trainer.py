@@ -234,7 +234,7 @@ class ABKDClassifierTrainer(Trainer):
 
     def _set_up_loss(self) -> None:
         """The objective and the metric sums (kept on the device between logs)."""
-        self.objective = DistillationObjective.from_config(
+        self.distillation_objective = DistillationObjective.from_config(
             self.args,
             divergence_weight=self.args.kd_weight,
             ce_weight=self.args.ce_weight,
@@ -299,10 +299,10 @@ class ABKDClassifierTrainer(Trainer):
         teacher_logits = self.teacher_logits(batch.teacher)
         student_logits = student_outputs.logits
         check_logit_shapes(student_logits, teacher_logits, batch.labels)
-        divergence_params = self.objective.divergence_params(
+        divergence_params = self.distillation_objective.divergence_params(
             self.state.global_step, self.state.max_steps
         )
-        output = self.objective.loss_from_logits(
+        output = self.distillation_objective.loss_from_logits(
             student_logits, teacher_logits, batch.labels, divergence_params
         )
         loss = self._normalise(output.loss_sum, output.sums[_COUNT], num_items_in_batch)

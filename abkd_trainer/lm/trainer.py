@@ -41,7 +41,6 @@ from abkd_trainer.core.objective import (
     LinearHead,
 )
 from abkd_trainer.core.schedules import scheduled_alpha_beta
-from abkd_trainer.divergences import get_divergence
 from abkd_trainer.divergences.coarsened import CachedTeacher
 from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
 from abkd_trainer.lm.config import ABKDConfig
@@ -246,18 +245,20 @@ class ABKDTrainer(SFTTrainer):
         )
         return teacher.models
 
+    def _build_objective(self) -> DistillationObjective:  # (Trainer's `objective` is HP search's)
+        args = self.args
+        return DistillationObjective.from_config(
+            args, divergence_weight=args.kd_ratio, ce_weight=1.0 - args.kd_ratio,
+            vocab_size=self.vocab_size, chunk_size=args.loss_chunk_size)  # fmt: skip
+
+    def _hp_search_setup(self, trial: Any) -> None:  # the objective follows the trial's args
+        super()._hp_search_setup(trial)
+        self.distillation_objective = self._build_objective()
+
     def _set_up_loss(self, models: dict[str, nn.Module]) -> None:
         """The objective, the fused loss's logit transforms (checked at start-up) and the metric
         sums; ``models`` maps roles to the models as given."""
-        args = self.args
-        self.divergence_fn = get_divergence(args.divergence)
-        self.objective = DistillationObjective.from_config(
-            args,
-            divergence_weight=args.kd_ratio,
-            ce_weight=1.0 - args.kd_ratio,
-            vocab_size=self.vocab_size,
-            chunk_size=args.loss_chunk_size,
-        )
+        args, self.distillation_objective = self.args, self._build_objective()
         # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
         self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
         # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
@@ -305,14 +306,15 @@ class ABKDTrainer(SFTTrainer):
         """`(alpha, beta)` at the current global step, with the warm-up and schedule applied
         (see `abkd_trainer.core.schedules`). Another divergence than `"ab"` does not use them;
         for it this is what the configuration's (alpha, beta) fields would give."""
-        if not self.objective.spec.scheduled:
+        if not self.distillation_objective.spec.scheduled:
             return scheduled_alpha_beta(self.args, self.state.global_step, self.state.max_steps)
         params = self._divergence_params()
         return params["alpha"], params["beta"]
 
     def _divergence_params(self) -> dict[str, float]:
         """The divergence's keyword parameters at the current global step (from the objective)."""
-        return self.objective.divergence_params(self.state.global_step, self.state.max_steps)
+        state = self.state
+        return self.distillation_objective.divergence_params(state.global_step, state.max_steps)
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
@@ -347,8 +349,8 @@ class ABKDTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The distillation loss of one micro-batch: both models' forwards, the objective
-        (`self.objective`), normalised by the supervised tokens of the accumulated batch, and the
-        logged sums recorded."""
+        (`self.distillation_objective`), normalised by the supervised tokens of the accumulated
+        batch, and the logged sums recorded."""
         mode = "train" if self.model.training else "eval"
         cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
         targets = next_token_targets(inputs)
@@ -374,7 +376,7 @@ class ABKDTrainer(SFTTrainer):
             )
         else:
             student_outputs, teacher = self._logits_forwards(model, model_inputs, cached_teacher)
-            output = self.objective.loss_from_logits(
+            output = self.distillation_objective.loss_from_logits(
                 student_outputs.logits, teacher, targets, divergence_params
             )
             loss_sum, sums = output.loss_sum, output.sums
@@ -480,7 +482,7 @@ class ABKDTrainer(SFTTrainer):
         # never runs: gather them for the projection. The student's weight gradient is built
         # here, in the forward, and reaches the partitioned parameter through autograd.
         with maybe_gather_lm_head_ctx(*(t for head in heads for t in (head.weight, head.bias))):
-            output = self.objective.loss_from_hidden_states(
+            output = self.distillation_objective.loss_from_hidden_states(
                 student_states, teacher, targets, divergence_params
             )
         return output.loss_sum, output.sums
@@ -527,7 +529,7 @@ class ABKDTrainer(SFTTrainer):
             # SFTTrainer's name for the student's entropy (same tokens, temperature 1).
             metrics["entropy"] = metrics["student_entropy"]
             metrics["num_tokens"] = self._total_train_tokens
-            if self.objective.spec.scheduled:  # the current alpha and beta
+            if self.distillation_objective.spec.scheduled:  # the current alpha and beta
                 metrics.update(self._last_divergence_params[mode])
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
