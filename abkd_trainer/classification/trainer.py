@@ -51,9 +51,15 @@ from abkd_trainer.classification.models import (
 from abkd_trainer.core.checkpoints import prepare_output_dir
 from abkd_trainer.core.collapse_guard import CollapseGuardCallback
 from abkd_trainer.core.hub import check_hub_access
+from abkd_trainer.core.metric_sums import MetricSums
 from abkd_trainer.core.model_card import hub_id_or_name
 from abkd_trainer.core.numerics import NonFiniteError, check_finite_step, non_finite_parameters
-from abkd_trainer.core.objective import IGNORE_INDEX, METRIC_SUMS, DistillationObjective
+from abkd_trainer.core.objective import (
+    IGNORE_INDEX,
+    METRIC_SUMS,
+    DistillationObjective,
+    normalise_summed_loss,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -240,12 +246,7 @@ class ABKDClassifierTrainer(Trainer):
             ce_weight=self.args.ce_weight,
             logit_standardization=self.args.logit_standardization,
         )
-        self._metric_sums = {
-            mode: torch.zeros(
-                len(CLASSIFIER_METRIC_SUMS), dtype=torch.float64, device=self.accelerator.device
-            )
-            for mode in ("train", "eval")
-        }
+        self._metric_sums = MetricSums(CLASSIFIER_METRIC_SUMS, self.accelerator.device)
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
 
@@ -317,7 +318,7 @@ class ABKDClassifierTrainer(Trainer):
         counted = batch.labels != IGNORE_INDEX
         sums = dict(output.sums)
         sums["teacher_accuracy"] = (teacher_logits.argmax(-1) == batch.labels)[counted].sum()
-        self._add_metric_sums(mode, sums)
+        self._metric_sums.add(mode, sums)
         self._last_divergence_params[mode] = divergence_params
         return (loss, student_outputs) if return_outputs else loss
 
@@ -342,30 +343,22 @@ class ABKDClassifierTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None,
     ) -> torch.Tensor:
         """Divide the summed objective by the examples of the (accumulated) batch."""
-        normaliser = num_local if num_items_in_batch is None else num_items_in_batch
-        # A batch without a counted example gives 0 / 1 = 0 with the graph intact, never 0 / 0.
-        normaliser = torch.as_tensor(
-            normaliser, device=objective_sum.device, dtype=objective_sum.dtype
-        ).clamp(min=1)
-        loss = objective_sum / normaliser
-        # DDP averages gradients over processes while the normaliser already counts every
-        # process's examples, so scale back up (as Trainer does).
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
+        return normalise_summed_loss(
+            objective_sum, num_local, num_items_in_batch, self._data_parallel_size()
+        )
 
-    def _add_metric_sums(self, mode: str, sums: dict[str, torch.Tensor]) -> None:
-        totals = self._metric_sums[mode]
-        totals += torch.stack([sums[name].detach().to(totals) for name in CLASSIFIER_METRIC_SUMS])
+    def _data_parallel_size(self) -> int:
+        # With counts across devices, DDP's gradient average is undone (as Trainer does).
+        if not self.args.average_tokens_across_devices:
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size()
 
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         # Every process calls log() at the same points, so this reduction cannot deadlock.
-        sums = self.accelerator.reduce(self._metric_sums[mode], reduction="sum")
-        totals = dict(zip(CLASSIFIER_METRIC_SUMS, sums.tolist(), strict=True))
-        self._metric_sums[mode].zero_()
+        totals = self._metric_sums.pop(mode, self.accelerator)
         count = totals.pop(_COUNT)
         metrics: dict[str, float] = {}
         if count > 0:

@@ -54,6 +54,7 @@ __all__ = [
     "HiddenStates",
     "LinearHead",
     "ObjectiveOutput",
+    "normalise_summed_loss",
     "standardize_logits",
 ]
 
@@ -136,6 +137,36 @@ def standardize_logits(logits: torch.Tensor, eps: float = STANDARDIZATION_EPS) -
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True)
     return (logits - mean) / (std + eps)
+
+
+def normalise_summed_loss(
+    loss_sum: torch.Tensor,
+    num_local: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None,
+    data_parallel_size: int = 1,
+) -> torch.Tensor:
+    """Divide a summed objective by the rows it is averaged over.
+
+    Args:
+        loss_sum: scalar, `ObjectiveOutput.loss_sum` of one micro-batch.
+        num_local: this micro-batch's counted rows (evaluation normalises by them).
+        num_items_in_batch: the counted rows of the whole accumulated (and, when averaged across
+            devices, all-process) batch; None normalises by `num_local`.
+        data_parallel_size: processes whose gradients DDP averages while `num_items_in_batch`
+            already counts all of their rows, so the loss is scaled back up by it (as Trainer
+            does); 1 when the count is per process.
+
+    Returns:
+        The scalar loss; a batch without a counted row gives 0 / 1 = 0 with the graph intact.
+    """
+    normaliser = num_local if num_items_in_batch is None else num_items_in_batch
+    normaliser = torch.as_tensor(normaliser, device=loss_sum.device, dtype=loss_sum.dtype).clamp(
+        min=1
+    )
+    loss = loss_sum / normaliser
+    if num_items_in_batch is not None and data_parallel_size != 1:
+        loss = loss * data_parallel_size
+    return loss
 
 
 class DistillationObjective:

@@ -39,6 +39,7 @@ from abkd_trainer.core.objective import (
     DistillationObjective,
     HiddenStates,
     LinearHead,
+    normalise_summed_loss,
 )
 from abkd_trainer.core.schedules import scheduled_alpha_beta
 from abkd_trainer.divergences.coarsened import CachedTeacher
@@ -502,17 +503,15 @@ class ABKDTrainer(SFTTrainer):
         num_items_in_batch: torch.Tensor | int | None,
     ) -> torch.Tensor:
         """Divide the summed objective by the supervised tokens of the (accumulated) batch."""
-        normaliser = num_local if num_items_in_batch is None else num_items_in_batch
-        # A batch with no supervised token gives 0 / 1 = 0 with the graph intact, never 0 / 0.
-        normaliser = torch.as_tensor(
-            normaliser, device=objective_sum.device, dtype=objective_sum.dtype
-        ).clamp(min=1)
-        loss = objective_sum / normaliser
-        # DDP averages gradients over processes while the normaliser already counts every
-        # process's tokens, so scale back up (as Trainer and SFTTrainer do).
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
+        return normalise_summed_loss(
+            objective_sum, num_local, num_items_in_batch, self._data_parallel_size()
+        )
+
+    def _data_parallel_size(self) -> int:
+        # With counts across devices, DDP's gradient average is undone (as Trainer does).
+        if not self.args.average_tokens_across_devices:
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size()
 
     # ------------------------------------------------------------------ logging
 
