@@ -27,13 +27,13 @@ def distillation_settings(
             re-ordered (see `abkd_trainer.classification.labels`), else None.
     """
     from abkd_trainer.core.schedules import effective_warmup_ratio
-    from abkd_trainer.divergences.registry import divergence_config_fields
+    from abkd_trainer.divergences.registry import divergence_config_fields, divergence_spec
 
     settings: dict[str, object] = {"Teacher": teacher, "Divergence": args.divergence}
     for name in divergence_config_fields(args.divergence):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    if args.divergence == "ab":
+    if divergence_spec(args.divergence).scheduled:
         if args.ab_warmup_steps > 0:
             settings["ab_warmup_steps"] = args.ab_warmup_steps
         else:

@@ -365,7 +365,7 @@ class ABKDClassifierTrainer(Trainer):
             metrics = {
                 _LOGGED_NAMES.get(name, name): value / count for name, value in totals.items()
             }
-            if self.args.divergence == "ab":
+            if self.distillation_objective.spec.scheduled:  # the current alpha and beta
                 metrics.update(self._last_divergence_params[mode])
         prefix = "eval_" if mode == "eval" else ""
         for key, value in metrics.items():

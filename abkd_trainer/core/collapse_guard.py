@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from abkd_trainer.divergences.registry import divergence_spec
+
 __all__ = ["CollapseGuardCallback", "CollapseDiagnosis", "collapse_diagnosis"]
 
 logger = logging.get_logger(__name__)
@@ -162,12 +164,18 @@ def collapse_message(
 ) -> str:
     """The warning: what was seen, the likely cause for this configuration, and the remedies."""
     divergence = getattr(args, "divergence", "ab")
-    if divergence == "ab":
-        alpha = logs.get("alpha", getattr(args, "alpha", math.nan))
-        beta = logs.get("beta", getattr(args, "beta", math.nan))
-        setting = f"divergence='ab' at (alpha, beta) = ({alpha:.3g}, {beta:.3g})"
-    else:
-        setting = f"divergence={divergence!r}"
+    parameter_fields = divergence_spec(divergence).parameter_fields
+    setting = f"divergence={divergence!r}"
+    if parameter_fields:
+        # The logged values are the scheduled ones (a warm-up moves alpha and beta); the
+        # configured ones stand in before the first log.
+        values = [
+            logs.get(param, getattr(args, name, math.nan))
+            for param, name in parameter_fields.items()
+        ]
+        names = ", ".join(parameter_fields)
+        shown = ", ".join(f"{value:.3g}" for value in values)
+        setting += f" at ({names}) = ({shown})" if len(values) > 1 else f" at {names} = {shown}"
     return (
         f"The student may be collapsing (step {step}): its entropy is "
         f"{diagnosis.student_entropy:.3f} nats (teacher: {diagnosis.teacher_entropy:.3f}) while "

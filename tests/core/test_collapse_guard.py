@@ -157,3 +157,23 @@ def test_the_default_warmup_keeps_the_papers_setting_from_collapsing(tmp_path):
     assert guard.fired_at_step is None
     assert logs[-1]["alpha"] < 0.3  # most of the way to (0.2, 0.7) by the last log
     assert logs[-1]["teacher_agreement"] > logs[0]["teacher_agreement"] + 0.2  # it did learn
+
+
+@pytest.mark.parametrize(
+    ("divergence", "expected"),
+    [
+        ("jsd", "divergence='jsd' at beta = 0.3"),
+        ("srkl", "divergence='srkl' at skew_lambda = 0.2"),
+        ("rkl", "with divergence='rkl': a mode-seeking"),
+    ],
+)
+def test_message_names_the_configured_divergence_and_its_parameters(caplog, divergence, expected):
+    # The registry says which fields configure each divergence; the message must follow it.
+    args = ABKDConfig(
+        output_dir="unused", use_cpu=True, divergence=divergence, jsd_beta=0.3, skew_lambda=0.2
+    )
+    with caplog.at_level(logging.WARNING):
+        feed(CollapseGuardCallback(), [START] + [COLLAPSED] * 5, args=args)
+    message = next(r.getMessage() for r in caplog.records if "collapsing" in r.getMessage())
+    assert expected in message
+    assert "at (alpha, beta)" not in message
