@@ -25,7 +25,6 @@ from transformers.models.auto import modeling_auto
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
     from peft import PeftConfig, PeftModel
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ __all__ = [
     "forward_parameters",
     "load_classifier",
     "model_name",
-    "prepare_teacher",
     "restore_renamed_checkpoint_weights",
     "wrap_with_peft",
 ]
@@ -128,27 +126,6 @@ def forward_parameters(model: nn.Module) -> list[str]:
     parameters = inspect.signature(_base_model(model).forward).parameters.values()
     return [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
-
-def prepare_teacher(
-    teacher: nn.Module, accelerator: Accelerator, is_deepspeed_enabled: bool
-) -> nn.Module:
-    """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device.
-
-    Under DeepSpeed the engine follows the student's ZeRO stage (partitioned under ZeRO-3,
-    replicated otherwise; see `abkd_trainer.core.distributed.prepare_deepspeed_teacher`).
-    Otherwise accelerate places it for evaluation (device, and the mixed-precision autocast
-    of training).
-    """
-    teacher.requires_grad_(False)
-    teacher.eval()
-    if is_deepspeed_enabled:
-        from abkd_trainer.core.distributed import prepare_deepspeed_teacher
-
-        teacher = prepare_deepspeed_teacher(teacher, accelerator)
-    else:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-    teacher.eval()  # not `return teacher.eval()`: a DeepSpeedEngine's eval() returns None
-    return teacher
 
 
 def classifier_head_modules(model: nn.Module) -> list[str]:

@@ -44,12 +44,12 @@ from abkd_trainer.classification.models import (
     forward_parameters,
     load_classifier,
     model_name,
-    prepare_teacher,
     restore_renamed_checkpoint_weights,
     wrap_with_peft,
 )
 from abkd_trainer.core.checkpoints import prepare_output_dir
 from abkd_trainer.core.collapse_guard import CollapseGuardCallback
+from abkd_trainer.core.distributed import prepare_teacher
 from abkd_trainer.core.hub import check_hub_access
 from abkd_trainer.core.metric_sums import MetricSums
 from abkd_trainer.core.model_card import hub_id_or_name

@@ -42,6 +42,7 @@ __all__ = [
     "init_cpu_distributed_state",
     "model_hidden_size",
     "prepare_deepspeed_teacher",
+    "prepare_teacher",
 ]
 
 # What the training arguments need (``accelerator_config=...``) to reuse the state created by
@@ -223,6 +224,35 @@ def prepare_deepspeed_teacher(teacher_model: nn.Module, accelerator: Accelerator
     engine, *_ = deepspeed.initialize(model=teacher_model, config=config)
     engine.eval()
     return engine
+
+
+def prepare_teacher(
+    teacher_model: nn.Module, accelerator: Accelerator, is_deepspeed_enabled: bool
+) -> nn.Module:
+    """Freeze the teacher and place it as the student is placed, for either trainer.
+
+    Under DeepSpeed the teacher becomes an inference engine that follows the student's ZeRO
+    stage (partitioned under ZeRO-3, replicated otherwise; see `prepare_deepspeed_teacher`).
+    Otherwise accelerate places it for evaluation: the device, and the mixed-precision autocast
+    of training.
+
+    Args:
+        teacher_model: the frozen teacher (a causal LM or a classifier).
+        accelerator: the Trainer's accelerator.
+        is_deepspeed_enabled: the Trainer's `is_deepspeed_enabled`.
+
+    Returns:
+        The placed teacher in eval mode, every parameter with `requires_grad=False`.
+    """
+    teacher_model.requires_grad_(False)
+    teacher_model.eval()
+    if is_deepspeed_enabled:
+        teacher_model = prepare_deepspeed_teacher(teacher_model, accelerator)
+    else:
+        teacher_model = accelerator.prepare_model(teacher_model, evaluation_mode=True)
+    # Not `return teacher_model.eval()`: a DeepSpeedEngine's eval() returns None.
+    teacher_model.eval()
+    return teacher_model
 
 
 def _has_hardware_accelerator() -> bool:

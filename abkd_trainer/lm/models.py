@@ -55,22 +55,6 @@ def load_teacher(name_or_path: str, args: ABKDConfig) -> PreTrainedModel:
     return create_model_from_path(name_or_path, **init_kwargs)
 
 
-def prepare_teacher(
-    teacher_model: nn.Module, accelerator: Accelerator, is_deepspeed_enabled: bool
-) -> nn.Module:
-    """Freeze the teacher and place it: a DeepSpeed inference engine, else on the device."""
-    teacher_model.requires_grad_(False)
-    teacher_model.eval()
-    if is_deepspeed_enabled:
-        from abkd_trainer.core.distributed import prepare_deepspeed_teacher
-
-        teacher_model = prepare_deepspeed_teacher(teacher_model, accelerator)
-    else:
-        teacher_model = accelerator.prepare_model(teacher_model, evaluation_mode=True)
-    # Not `return teacher_model.eval()`: a DeepSpeedEngine's eval() returns None.
-    teacher_model.eval()
-    return teacher_model
-
 
 def check_shared_vocabulary(
     student: nn.Module,

@@ -31,6 +31,7 @@ from trl.trainer.utils import (
 
 from abkd_trainer.core.checkpoints import prepare_output_dir
 from abkd_trainer.core.collapse_guard import CollapseGuardCallback
+from abkd_trainer.core.distributed import prepare_teacher
 from abkd_trainer.core.hub import check_hub_access
 from abkd_trainer.core.metric_sums import MetricSums
 from abkd_trainer.core.numerics import check_finite_step
@@ -56,7 +57,6 @@ from abkd_trainer.lm.models import (
     check_startup_outputs,
     final_hidden_states,
     fused_logit_transforms,
-    prepare_teacher,
 )
 from abkd_trainer.lm.on_policy import (
     OnPolicyBatches,
