@@ -1,7 +1,7 @@
 """Knowledge distillation with the alpha-beta divergence (ABKD, Wang et al., ICML 2025).
 
-Public names are imported lazily so that ``import abkd_trainer`` (and the CLI's ``--help``)
-does not pay for importing ``trl`` and ``transformers`` until a trainer is actually used.
+Public names are imported lazily so that `import abkd_trainer` (and the CLI's `--help`)
+does not pay for importing `trl` and `transformers` until a trainer is actually used.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m abkd_trainer``: the same as the ``abkd-train`` console script."""
+"""`python -m abkd_trainer`: the same as the `abkd-train` console script."""
 
 import sys
 

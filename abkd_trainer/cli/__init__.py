@@ -1,5 +1,5 @@
-"""The command-line programs: ``abkd-train`` (:mod:`abkd_trainer.cli.train`) and
-``abkd-cache-teacher`` (:mod:`abkd_trainer.cli.cache_teacher`)."""
+"""The command-line programs: `abkd-train` (`abkd_trainer.cli.train`) and
+`abkd-cache-teacher` (`abkd_trainer.cli.cache_teacher`)."""
 
 from abkd_trainer.cli.train import main
 

@@ -2,12 +2,12 @@
 
 The ABKD paper (like MiniLLM and DistiLLM, whose evaluation code it reuses) reports the ROUGE-L
 F-measure x 100 between a *sampled* response (temperature 1, top-p 1) and the reference,
-averaged over prompts and then over several sampling seeds. :func:`rouge_l_evaluate` does
-exactly that for any causal LM and tokenizer; :class:`RougeLCallback` runs it from a
-``Trainer``; :func:`teacher_divergence` measures how far a student's next-token
+averaged over prompts and then over several sampling seeds. `rouge_l_evaluate` does
+exactly that for any causal LM and tokenizer; `RougeLCallback` runs it from a
+`Trainer`; `teacher_divergence` measures how far a student's next-token
 distributions are from the teacher's on the reference responses (teacher forcing).
 
-All three accept an ``accelerate.Accelerator``: the prompts are then split over the
+All three accept an `accelerate.Accelerator`: the prompts are then split over the
 processes, every process generates for its share and the results are gathered, so the same
 code runs single-process, under DDP and under DeepSpeed ZeRO-3 (where every rank must take
 part in every forward pass).
@@ -24,6 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig, TrainerCallback, set_seed
+
+# encode_prompt_completion lived here before teacher_forcing.py; the old import path still works.
+from abkd_trainer.lm.teacher_forcing import (  # noqa: F401
+    encode_prompt_completion,
+    teacher_forcing_batch,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,8 +61,8 @@ def _rouge_scorer():
 def rouge_l_score(prediction: str, reference: Reference) -> float:
     """ROUGE-L F-measure x 100 of one prediction; the best over several references.
 
-    ``rouge-score`` lower-cases, keeps alphanumeric tokens and Porter-stems words longer
-    than three letters; the F-measure is ``2 * LCS / (len(prediction) + len(reference))``
+    `rouge-score` lower-cases, keeps alphanumeric tokens and Porter-stems words longer
+    than three letters; the F-measure is `2 * LCS / (len(prediction) + len(reference))`
     in tokens. Empty prediction or reference scores 0.
     """
     references = [reference] if isinstance(reference, str) else list(reference)
@@ -73,7 +79,7 @@ class RougeLResult:
     Attributes:
         rouge_l: mean over seeds of the mean over prompts.
         rouge_l_std: standard deviation over seeds (0.0 for a single seed).
-        per_seed: the mean over prompts for each seed, in ``seeds`` order.
+        per_seed: the mean over prompts for each seed, in `seeds` order.
         seeds: the sampling seeds.
         num_prompts: number of prompts scored.
         samples: the first few (prompt, response, reference) triples of the first seed.
@@ -95,9 +101,15 @@ def prompts_and_references(
 ) -> tuple[list[Prompt], list[str]]:
     """Split evaluation rows into prompts and reference responses, in TRL's dataset formats.
 
-    Supported rows: ``prompt``/``completion`` (text or conversational; a conversational
-    completion's assistant contents are joined) and ``messages`` (the last message must be the
+    Supported rows: `prompt`/`completion` (text or conversational; a conversational
+    completion's assistant contents are joined) and `messages` (the last message must be the
     assistant's reference answer; the messages before it form the prompt).
+
+    Args:
+        dataset: the evaluation rows, a `datasets.Dataset` or a list of dicts.
+
+    Returns:
+        `(prompts, references)`: one prompt (text or chat messages) and one reference per row.
     """
     prompts: list[Prompt] = []
     references: list[str] = []
@@ -133,7 +145,7 @@ def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
 def _encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
 ) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask``, both (batch, prompt_length)."""
+    """Left-padded `input_ids` and `attention_mask`, both (batch, prompt_length)."""
     texts = [_prompt_text(tokenizer, prompt) for prompt in prompts]
     # Plain-text prompts get the tokenizer's special tokens (as SFTTrainer tokenizes them); a
     # rendered chat template already contains them.
@@ -244,7 +256,7 @@ def sampling_config(
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> GenerationConfig:
-    """Pure ancestral sampling at ``temperature`` with nucleus ``top_p`` and no top-k cut-off."""
+    """Pure ancestral sampling at `temperature` with nucleus `top_p` and no top-k cut-off."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampled evaluation, got {temperature}.")
     if not 0 < top_p <= 1:
@@ -283,18 +295,22 @@ def rouge_l_evaluate(
     """ROUGE-L (F-measure x 100) of sampled responses, mean over prompts, then over seeds.
 
     Args:
-        model: a causal LM with ``generate`` (or a DDP / DeepSpeed wrapper of one when
-            ``accelerator`` is given).
+        model: a causal LM with `generate` (or a DDP / DeepSpeed wrapper of one when
+            `accelerator` is given).
         tokenizer: its tokenizer; prompts are batched with left padding.
         prompts: plain-text prompts, or chat messages rendered with the tokenizer's chat
             template and a generation prompt.
         references: one reference response (or several, best match counts) per prompt.
-        seeds: one sampling pass per seed; ``transformers.set_seed(seed)`` before each.
+        seeds: one sampling pass per seed; `transformers.set_seed(seed)` before each.
         max_new_tokens: response length cap in tokens.
-        temperature, top_p: sampling parameters (the paper uses 1.0 and 1.0).
-        batch_size: prompts per ``generate`` call (per process).
+        temperature: sampling temperature (the paper uses 1.0).
+        top_p: nucleus sampling threshold in (0, 1] (the paper uses 1.0).
+        batch_size: prompts per `generate` call (per process).
         accelerator: split the prompts over its processes and gather the responses.
         num_samples_kept: how many (prompt, response, reference) triples to keep for reports.
+
+    Returns:
+        The mean, its spread over seeds, the per-seed means and a few samples.
     """
     if len(prompts) != len(references):
         raise ValueError(
@@ -341,38 +357,6 @@ def rouge_l_evaluate(
     )
 
 
-def encode_prompt_completion(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str
-) -> tuple[list[int], int]:
-    """Token ids of `prompt` + `completion` and where the completion starts in them.
-
-    Text prompts get the tokenizer's EOS appended, as SFTTrainer adds it; conversational prompts
-    (lists of messages) are rendered with the chat template, the completion as the assistant turn.
-
-    Returns:
-        `(ids, start)`: the ids of the whole sequence, and the index of its first completion
-        token (where the prompt-only and the full tokenization first differ).
-    """
-    if isinstance(prompt, str):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(prompt + completion + (tokenizer.eos_token or ""))["input_ids"]
-    else:
-        prompt_ids = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=True
-        )
-        messages = [*prompt, {"role": "assistant", "content": completion}]
-        full_ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, Mapping) else prompt_ids
-        full_ids = full_ids["input_ids"] if isinstance(full_ids, Mapping) else full_ids
-    # The completion starts where the two tokenizations diverge (as in TRL's SFTTrainer).
-    start = 0
-    for token, other in zip(prompt_ids, full_ids, strict=False):
-        if token != other:
-            break
-        start += 1
-    return list(full_ids), start
-
-
 def teacher_divergence(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -390,9 +374,16 @@ def teacher_divergence(
     averaged over the response tokens (EOS included) of all rows, in nats per token.
 
     Args:
-        divergences: name -> ``fn(student_logits, teacher_logits, *, mask, reduction)``, e.g.
-            ``{"fkl": abkd_trainer.divergences.get_divergence("fkl")}``; logits are
-            (batch, length, vocab) and ``mask`` (batch, length) bool.
+        student: the student causal LM (or its DDP / DeepSpeed wrapper with `accelerator`).
+        teacher: the teacher, over the same vocabulary.
+        tokenizer: the tokenizer both models read.
+        prompts: plain-text prompts or chat messages, as in `rouge_l_evaluate`.
+        references: one reference response per prompt.
+        divergences: name -> `fn(student_logits, teacher_logits, *, mask, reduction)`, e.g.
+            `{"fkl": abkd_trainer.divergences.get_divergence("fkl")}`; logits are
+            (batch, length, vocab) and `mask` (batch, length) bool.
+        batch_size: rows per forward pass (per process).
+        accelerator: split the rows over its processes and gather the sums.
 
     Returns:
         name -> mean divergence per response token.
@@ -413,37 +404,19 @@ def teacher_divergence(
     rows: list[tuple[int, dict[str, float]]] = []
     with _evaluation_mode(student_module), _evaluation_mode(teacher_module):
         for start in range(0, len(indices), batch_size):
-            encoded = [
-                encode_prompt_completion(tokenizer, prompts[i], references[i])
-                for i in indices[start : start + batch_size]
-            ]
-            length = max(len(ids) for ids, _ in encoded)
-            input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-            # response_mask[b, t] marks logits at position t that predict a response token t + 1
-            response_mask = torch.zeros((len(encoded), length), dtype=torch.bool)
-            for row, (ids, completion_start) in enumerate(encoded):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention_mask[row, : len(ids)] = 1
-                response_mask[row, max(completion_start - 1, 0) : len(ids) - 1] = True
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            response_mask = response_mask.to(device)
-            student_logits = student_module(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).logits
-            teacher_logits = teacher_module(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).logits
-            per_name = {
-                name: fn(student_logits, teacher_logits, mask=response_mask, reduction="none")
-                .masked_fill(~response_mask, 0.0)
-                .sum(-1)
-                .tolist()
-                for name, fn in divergences.items()
-            }
-            counts = response_mask.sum(-1).tolist()
-            for row, count in enumerate(counts):
-                rows.append((count, {name: values[row] for name, values in per_name.items()}))
+            batch = indices[start : start + batch_size]
+            tensors = teacher_forcing_batch(
+                tokenizer, [prompts[i] for i in batch], [references[i] for i in batch], pad_id
+            )
+            input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in tensors)
+            rows.extend(
+                _row_divergence_sums(
+                    student_module(input_ids=input_ids, attention_mask=attention_mask).logits,
+                    teacher_module(input_ids=input_ids, attention_mask=attention_mask).logits,
+                    response_mask,
+                    divergences,
+                )
+            )
     rows = _gather(rows, len(prompts), accelerator)
     num_tokens = sum(count for count, _ in rows)
     if num_tokens == 0:
@@ -451,38 +424,67 @@ def teacher_divergence(
     return {name: math.fsum(sums[name] for _, sums in rows) / num_tokens for name in divergences}
 
 
+def _row_divergence_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    response_mask: torch.Tensor,
+    divergences: Mapping[str, DivergenceFn],
+) -> list[tuple[int, dict[str, float]]]:
+    """Per row: its number of response tokens and each divergence summed over them."""
+    per_name = {
+        name: fn(student_logits, teacher_logits, mask=response_mask, reduction="none")
+        .masked_fill(~response_mask, 0.0)
+        .sum(-1)
+        .tolist()
+        for name, fn in divergences.items()
+    }
+    counts = response_mask.sum(-1).tolist()
+    return [
+        (count, {name: values[row] for name, values in per_name.items()})
+        for row, count in enumerate(counts)
+    ]
+
+
 class RougeLCallback(TrainerCallback):
-    """Log the ROUGE-L of sampled responses as ``eval_rouge_l`` whenever the trainer evaluates.
+    """Log the ROUGE-L of sampled responses as `eval_rouge_l` whenever the trainer evaluates.
 
-    Follows TRL's generation callbacks (``WinRateCallback``, ``LogCompletionsCallback``): it
-    is built with the trainer it reports to, then added with ``trainer.add_callback``.
+    Follows TRL's generation callbacks (`WinRateCallback`, `LogCompletionsCallback`): it
+    is built with the trainer it reports to, then added with `trainer.add_callback`.
     Optionally it also scores the student just before the first step and after the last one
-    (``student_before`` / ``student_after``) and the trainer's ``teacher_model`` once, and
+    (`student_before` / `student_after`) and the trainer's `teacher_model` once, and
     measures the divergence to the teacher at those two points; everything is kept in
-    :attr:`results` for reports.
+    `results` for reports.
 
-    Example::
-
+    Example:
+        ```python
         callback = RougeLCallback(trainer, prompts, references, evaluate_at_train_boundaries=True)
         trainer.add_callback(callback)
         trainer.train()
         callback.results["student_after"].rouge_l
+        ```
 
     Args:
-        trainer: the trainer; its ``accelerator`` splits the prompts across processes.
-        prompts, references: held-out prompts and reference responses (see
-            :func:`prompts_and_references`).
-        seeds, max_new_tokens, temperature, top_p, batch_size: see :func:`rouge_l_evaluate`.
+        trainer: the trainer; its `accelerator` splits the prompts across processes.
+        prompts: held-out prompts (see
+            [`prompts_and_references`][abkd_trainer.lm.evaluation.prompts_and_references]).
+        references: their reference responses, one (or several) per prompt.
+        seeds: sampling seeds, as in
+            [`rouge_l_evaluate`][abkd_trainer.lm.evaluation.rouge_l_evaluate].
+        max_new_tokens: response length cap in tokens.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold in (0, 1].
+        batch_size: prompts per `generate` call (per process), and rows per divergence batch.
         evaluate_at_train_boundaries: also evaluate at train begin and end.
-        evaluate_teacher: also evaluate ``trainer.teacher_model`` (once, at train begin).
+        evaluate_teacher: also evaluate `trainer.teacher_model` (once, at train begin).
         divergences: name -> divergence function; when given, the mean per-token divergence
             to the teacher on the references is measured at train begin and end.
-        dataset_name, dataset_split: where the prompts come from (a Hub id or a local path),
-            for the ``model-index`` of the model card.
+        dataset_name: where the prompts come from (a Hub id or a local path), for the
+            `model-index` of the model card.
+        dataset_split: the split they come from, for the model card.
 
-    ``eval_rouge_l`` is also put into the metrics of each evaluation, so that
-    ``metric_for_best_model="rouge_l"`` (with ``load_best_model_at_end``) keeps the
-    checkpoint with the best ROUGE-L, and ``EarlyStoppingCallback`` can watch it.
+    `eval_rouge_l` is also put into the metrics of each evaluation, so that
+    `metric_for_best_model="rouge_l"` (with `load_best_model_at_end`) keeps the
+    checkpoint with the best ROUGE-L, and `EarlyStoppingCallback` can watch it.
     """
 
     def __init__(

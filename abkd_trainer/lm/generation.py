@@ -1,9 +1,9 @@
 """Sampling completions for on-policy distillation, behind one small interface.
 
-A :class:`CompletionSampler` turns prompts (token ids) into completions (token ids). The trainer
-only ever calls ``sample``; :class:`TransformersCompletionSampler` implements it with
-``transformers``' ``generate`` on the (unwrapped) training model, and an inference engine (e.g.
-vLLM through TRL's ``VLLMGeneration``) can implement the same method later without touching the
+A `CompletionSampler` turns prompts (token ids) into completions (token ids). The trainer
+only ever calls `sample`; `TransformersCompletionSampler` implements it with
+`transformers`' `generate` on the (unwrapped) training model, and an inference engine (e.g.
+vLLM through TRL's `VLLMGeneration`) can implement the same method later without touching the
 trainer.
 """
 
@@ -29,12 +29,12 @@ class CompletionSampler(Protocol):
         """Complete each prompt.
 
         Args:
-            prompts: 1-D ``LongTensor`` prompt token ids, one per sequence, without padding.
+            prompts: 1-D `LongTensor` prompt token ids, one per sequence, without padding.
 
         Returns:
-            One 1-D ``LongTensor`` of completion token ids per prompt, on the prompts' device:
+            One 1-D `LongTensor` of completion token ids per prompt, on the prompts' device:
             the sampled tokens up to and including the first end-of-sequence token, or
-            ``max_new_tokens`` tokens when none was sampled. Never padding, never empty.
+            `max_new_tokens` tokens when none was sampled. Never padding, never empty.
         """
         ...
 
@@ -49,9 +49,9 @@ def build_generation_config(
     pad_token_id: int,
     generation_kwargs: dict[str, Any] | None = None,
 ) -> GenerationConfig:
-    """The ``GenerationConfig`` of on-policy sampling: plain sampling, KV cache, one sequence.
+    """The `GenerationConfig` of on-policy sampling: plain sampling, KV cache, one sequence.
 
-    ``generation_kwargs`` (any ``GenerationConfig`` field) override the named arguments.
+    `generation_kwargs` (any `GenerationConfig` field) override the named arguments.
     """
     config = {
         "do_sample": True,
@@ -81,8 +81,8 @@ def trim_completions(
     """Cut generated rows after their first end-of-sequence token.
 
     Args:
-        generated: ``(batch, new_tokens)`` token ids ``generate`` appended to the prompts; after a
-            row's first EOS, ``generate`` fills it with padding (which may be the EOS id itself).
+        generated: `(batch, new_tokens)` token ids `generate` appended to the prompts; after a
+            row's first EOS, `generate` fills it with padding (which may be the EOS id itself).
         eos_token_ids: the ids that end a sequence.
         max_new_tokens: optional cap on the kept length.
 
@@ -104,7 +104,7 @@ def trim_completions(
 
 
 def left_pad(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` / ``attention_mask`` of shape ``(batch, longest)``, padded on the left."""
+    """`input_ids` / `attention_mask` of shape `(batch, longest)`, padded on the left."""
     longest = max(len(sequence) for sequence in sequences)
     device = sequences[0].device
     input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long, device=device)
@@ -117,24 +117,24 @@ def left_pad(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, 
 
 
 class TransformersCompletionSampler:
-    """:class:`CompletionSampler` with ``transformers``' ``generate`` on a training-time model.
+    """`CompletionSampler` with `transformers`' `generate` on a training-time model.
 
-    All prompts of a call go through one batched, left-padded ``generate`` with the KV cache, in
+    All prompts of a call go through one batched, left-padded `generate` with the KV cache, in
     eval mode and without gradients; the model's train/eval mode is restored afterwards.
-    TRL's ``unwrap_model_for_generation`` unwraps DDP / DeepSpeed engines and, under ZeRO-3,
-    gathers the partitioned weights for the duration of the call (``gather_deepspeed3_params``;
-    without it every layer is fetched as the forward reaches it, and ``generate`` keeps the ranks
-    in step with ``synced_gpus``).
+    TRL's `unwrap_model_for_generation` unwraps DDP / DeepSpeed engines and, under ZeRO-3,
+    gathers the partitioned weights for the duration of the call (`gather_deepspeed3_params`;
+    without it every layer is fetched as the forward reaches it, and `generate` keeps the ranks
+    in step with `synced_gpus`).
 
     Args:
         get_model: returns the (possibly wrapped) model to sample from. A callable, because the
             Trainer wraps the student only when training starts.
-        accelerator: the trainer's ``Accelerator``.
-        generation_config: see :func:`build_generation_config`.
+        accelerator: the trainer's `Accelerator`.
+        generation_config: see `build_generation_config`.
         gather_deepspeed3_params: see above.
         max_total_length: the longest sequence (prompt + completion, in tokens) the models may
             see, e.g. the smaller of both models' position limits; a call whose longest prompt
-            leaves less room than ``max_new_tokens`` samples shorter completions. None: no cap.
+            leaves less room than `max_new_tokens` samples shorter completions. None: no cap.
     """
 
     def __init__(
@@ -155,8 +155,8 @@ class TransformersCompletionSampler:
         self.eos_token_ids = _eos_token_ids(generation_config)
 
     def _max_new_tokens(self, prompt_length: int) -> int:
-        """``max_new_tokens``, cut so that a prompt of ``prompt_length`` tokens and its completion
-        stay within ``max_total_length`` (learned position tables end there)."""
+        """`max_new_tokens`, cut so that a prompt of `prompt_length` tokens and its completion
+        stay within `max_total_length` (learned position tables end there)."""
         max_new_tokens = self.generation_config.max_new_tokens
         if self.max_total_length is None:
             return max_new_tokens

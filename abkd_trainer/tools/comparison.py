@@ -338,8 +338,6 @@ def compare_divergences(
     """
     import torch
 
-    from abkd_trainer.lm.evaluation import prompts_and_references
-
     if not methods or not training_seeds:
         raise ValueError("compare_divergences needs at least one method and one training seed.")
     labels = [method.label for method in methods]
@@ -350,15 +348,7 @@ def compare_divergences(
     common = ["--rouge_l_eval", "true", "--eval_strategy", "no", "--save_strategy", "no"]
     common += ["--report_to", "none", "--disable_tqdm", "true"]
     comparison = Comparison(
-        settings={
-            "task": "offline demo" if not task_args else " ".join(task_args),
-            "task_args": list(task_args),
-            "training_seeds": list(training_seeds),
-            "sft_steps": sft_steps,
-            "sampling_seeds": list(sampling_seeds),
-            "methods": {method.label: " ".join(method.flags) for method in methods},
-            "machine": machine_description(),
-        }
+        settings=_settings(task_args, methods, training_seeds, sft_steps, sampling_seeds)
     )
     teacher_scored = False
     for seed in training_seeds:
@@ -374,10 +364,7 @@ def compare_divergences(
             start = time.perf_counter()
             trainer, script_args, inputs = _train(argv, init_dir)
             train_seconds = time.perf_counter() - start
-            rows = inputs.test_dataset
-            if script_args.rouge_l_num_prompts is not None:
-                rows = rows.select(range(min(script_args.rouge_l_num_prompts, len(rows))))
-            prompts, references = prompts_and_references(rows)
+            prompts, references = _test_prompts(inputs, script_args)
             score = _scorer(trainer, inputs, prompts, references, script_args, sampling_seeds)
             with torch.no_grad():
                 if not teacher_scored:
@@ -396,6 +383,35 @@ def compare_divergences(
             if on_run is not None:
                 on_run(comparison, row)
     return comparison
+
+
+def _settings(
+    task_args: Sequence[str],
+    methods: Sequence[Method],
+    training_seeds: Sequence[int],
+    sft_steps: int,
+    sampling_seeds: Sequence[int],
+) -> dict[str, Any]:
+    """What produced a comparison: the task, the methods' flags, the seeds, the machine."""
+    return {
+        "task": "offline demo" if not task_args else " ".join(task_args),
+        "task_args": list(task_args),
+        "training_seeds": list(training_seeds),
+        "sft_steps": sft_steps,
+        "sampling_seeds": list(sampling_seeds),
+        "methods": {method.label: " ".join(method.flags) for method in methods},
+        "machine": machine_description(),
+    }
+
+
+def _test_prompts(inputs: Any, script_args: Any) -> tuple[list[Any], list[Any]]:
+    """The scored prompts and references: the first `rouge_l_num_prompts` rows of the test split."""
+    from abkd_trainer.lm.evaluation import prompts_and_references
+
+    rows = inputs.test_dataset
+    if script_args.rouge_l_num_prompts is not None:
+        rows = rows.select(range(min(script_args.rouge_l_num_prompts, len(rows))))
+    return prompts_and_references(rows)
 
 
 def _fine_tune_once(argv: list[str], output_dir: Path) -> None:

@@ -6,30 +6,30 @@ student and the teacher disagree, governed by alpha) and *confidence-concentrati
 tokens the student already believes, governed by beta). This module measures that allocation on
 real teacher and student distributions.
 
-For one position with student logits ``z`` (``q = softmax(z)``), teacher distribution ``p`` and a
-separable divergence ``D``, the gradient is ``g_k = w_k - q_k * sum_j w_j`` with
-``w_k = q_k dD/dq_k``, the divergence's own gradient weights
-(:meth:`~abkd_trainer.divergences.pointwise.PointwiseDivergence.terms_and_weights`). The
-*gradient mass* of vocabulary entry ``k`` is ``|g_k|``. Summed over all supervised positions and
-grouped by the teacher's probability ``p_k`` (or the student's ``q_k``) in log-spaced bins, and
-divided by the total, it gives the *share* of the gradient each kind of token receives; the
-shares of one divergence sum to one. Because ``sum_k g_k = 0``, half of the mass raises logits
-(``g_k < 0``, gradient descent increases them) and half lowers them; ``raise_share`` reports the
-first half per bin (it sums to 0.5).
+For one position with student logits `z` (`q = softmax(z)`), teacher distribution `p` and a
+separable divergence `D`, the gradient is `g_k = w_k - q_k * sum_j w_j` with `w_k = q_k dD/dq_k`,
+the divergence's own gradient weights (`PointwiseDivergence.terms_and_weights`). The *gradient
+mass* of vocabulary entry `k` is `|g_k|`. Summed over all supervised positions and grouped by the
+teacher's probability `p_k` (or the student's `q_k`) in log-spaced bins, and divided by the total,
+it gives the *share* of the gradient each kind of token receives; the shares of one divergence sum
+to one. Because `sum_k g_k = 0`, half of the mass raises logits (`g_k < 0`, gradient descent
+increases them) and half lowers them; `raise_share` reports the first half per bin (it sums to
+0.5).
 
 Positions with larger gradients weigh more: the shares describe the total gradient the optimiser
 receives, in the loss's own normalisation.
 
-Example::
+Example:
 
-    from abkd_trainer import plot_mass_allocation
-    result = plot_mass_allocation(student, teacher, tokenizer, prompts, references,
-                                  alpha=0.2, beta=0.7, output_dir="allocation")
-    result["by_teacher_probability"]["AB (0.2, 0.7)"]   # one share per teacher-probability bin
+```python
+from abkd_trainer import plot_mass_allocation
+result = plot_mass_allocation(student, teacher, tokenizer, prompts, references,
+                              alpha=0.2, beta=0.7, output_dir="allocation")
+result["by_teacher_probability"]["AB (0.2, 0.7)"]   # one share per teacher-probability bin
+```
 
-``python -m abkd_trainer.tools.mass_allocation --student_model DIR`` draws it for the demo teacher
-and
-dataset (see ``--help``).
+`python -m abkd_trainer.tools.mass_allocation --student_model DIR` draws it for the demo teacher
+and dataset (see `--help`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from abkd_trainer.divergences.pointwise import (
     PointwiseDivergence,
     ReverseKL,
 )
+from abkd_trainer.lm.teacher_forcing import teacher_forcing_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,11 +87,12 @@ class GradientMass:
     """Gradient mass per probability bin, accumulated over batches (float64 sums, not shares).
 
     Attributes:
-        by_teacher: ``(num_bins,)`` sum of ``|g_k|`` over entries whose teacher probability lies
+        by_teacher: `(num_bins,)` sum of `|g_k|` over entries whose teacher probability lies
             in each bin.
-        by_student: ``(num_bins,)`` the same, binned by the student's probability.
-        raise_by_teacher, raise_by_student: ``(num_bins,)`` sums of ``max(-g_k, 0)``, the part
-            that raises logits.
+        by_student: `(num_bins,)` the same, binned by the student's probability.
+        raise_by_teacher: `(num_bins,)` sums of `max(-g_k, 0)`, the part that raises logits,
+            binned by the teacher's probability.
+        raise_by_student: `(num_bins,)` the same, binned by the student's probability.
         num_positions: positions accumulated so far.
     """
 
@@ -107,7 +109,7 @@ class GradientMass:
         return self
 
     def shares(self) -> dict[str, list[float]]:
-        """Each sum divided by the total gradient mass: ``by_*`` sum to 1, ``raise_by_*`` to 0.5."""
+        """Each sum divided by the total gradient mass: `by_*` sum to 1, `raise_by_*` to 0.5."""
         total = float(self.by_teacher.sum())
         if total == 0.0:
             raise ValueError(
@@ -136,20 +138,20 @@ def gradient_mass_by_probability(
     bin_edges: Sequence[float] = DEFAULT_PROBABILITY_BIN_EDGES,
     chunk_size: int | None = None,
 ) -> GradientMass:
-    """Gradient mass of ``divergence`` per teacher- and student-probability bin.
+    """Gradient mass of `divergence` per teacher- and student-probability bin.
 
     Args:
-        student_logits: ``(..., V)`` student logits, any float dtype (computed in fp32, float64
+        student_logits: `(..., V)` student logits, any float dtype (computed in fp32, float64
             for float64 input).
-        teacher_logits: ``(..., V)`` teacher logits over the same vocabulary.
-        divergence: a pointwise divergence (e.g. ``ABDivergence(0.2, 0.7)``, ``ForwardKL()``).
-        mask: ``(...)`` bool, the positions to count (e.g. supervised tokens); None counts all.
+        teacher_logits: `(..., V)` teacher logits over the same vocabulary.
+        divergence: a pointwise divergence (e.g. `ABDivergence(0.2, 0.7)`, `ForwardKL()`).
+        mask: `(...)` bool, the positions to count (e.g. supervised tokens); None counts all.
         temperature: divides both logit sets before the softmax, as in the training loss.
-        bin_edges: increasing probability edges from 0 to 1; ``len(bin_edges) - 1`` bins.
-        chunk_size: positions per chunk (bounds the ``(chunk, V)`` temporaries); None picks one.
+        bin_edges: increasing probability edges from 0 to 1; `len(bin_edges) - 1` bins.
+        chunk_size: positions per chunk (bounds the `(chunk, V)` temporaries); None picks one.
 
     Returns:
-        The sums of ``|d D / d z_k|`` per bin, see :class:`GradientMass`.
+        The sums of `|d D / d z_k|` per bin, see `GradientMass`.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -202,7 +204,7 @@ def gradient_mass_by_probability(
 def comparison_divergences(
     alpha: float | Sequence[float], beta: float | Sequence[float]
 ) -> dict[str, PointwiseDivergence]:
-    """``{"AB (a, b)": ..., "forward KL": ..., "reverse KL": ...}`` for one or several settings."""
+    """`{"AB (a, b)": ..., "forward KL": ..., "reverse KL": ...}` for one or several settings."""
     alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
     betas = [beta] if isinstance(beta, (int, float)) else list(beta)
     if len(alphas) != len(betas):
@@ -215,28 +217,58 @@ def comparison_divergences(
     return divergences
 
 
-def _encode_batch(
+def _response_logits(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
     references: Sequence[str],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and the mask of logits that predict a response token."""
-    from abkd_trainer.lm.evaluation import encode_prompt_completion
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' `(positions, vocab)` logits at the positions that predict a response token.
 
-    encoded = [
-        encode_prompt_completion(tokenizer, prompt, reference)
-        for prompt, reference in zip(prompts, references, strict=True)
-    ]
+    Rows are prompt + reference; logit columns from `len(tokenizer)` on (padding) are dropped.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    length = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    response_mask = torch.zeros((len(encoded), length), dtype=torch.bool)
-    for row, (ids, completion_start) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        response_mask[row, max(completion_start - 1, 0) : len(ids) - 1] = True
-    return input_ids, attention_mask, response_mask
+    input_ids, attention_mask, response_mask = teacher_forcing_batch(
+        tokenizer, prompts, references, pad_id
+    )
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    vocab_size = len(tokenizer)
+    student_logits = student(**inputs).logits[..., :vocab_size][response_mask]
+    teacher_logits = teacher(**inputs).logits.to(device)[..., :vocab_size][response_mask]
+    return student_logits, teacher_logits
+
+
+def _add_own_mass(
+    own_mass: torch.Tensor, logits: torch.Tensor, edges: torch.Tensor, temperature: float
+) -> None:
+    """Add each bin's share of a model's own probability (`(num_bins,)` float64) in place."""
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    index = _bin_index(probs, edges).reshape(-1)
+    own_mass.add_(torch.bincount(index, probs.reshape(-1), len(own_mass)).double())
+
+
+def _allocation_result(
+    totals: Mapping[str, GradientMass],
+    own_mass: Mapping[str, torch.Tensor],
+    bin_edges: Sequence[float],
+    temperature: float,
+) -> dict[str, Any]:
+    """The JSON-ready result of `mass_allocation` from its accumulated sums."""
+    shares = {name: mass.shares() for name, mass in totals.items()}
+    num_positions = next(iter(totals.values())).num_positions
+    return {
+        "bin_edges": [float(edge) for edge in bin_edges],
+        "num_positions": num_positions,
+        "temperature": temperature,
+        "by_teacher_probability": {name: s["by_teacher"] for name, s in shares.items()},
+        "by_student_probability": {name: s["by_student"] for name, s in shares.items()},
+        "raise_by_teacher_probability": {name: s["raise_by_teacher"] for name, s in shares.items()},
+        "raise_by_student_probability": {name: s["raise_by_student"] for name, s in shares.items()},
+        "teacher_probability_mass": (own_mass["teacher"] / num_positions).tolist(),
+        "student_probability_mass": (own_mass["student"] / num_positions).tolist(),
+    }
 
 
 @torch.no_grad()
@@ -257,18 +289,29 @@ def mass_allocation(
     Both models read prompt + reference response; every position that predicts a response token
     (EOS included) counts, over the tokenizer's vocabulary (padded logit rows are dropped).
 
+    Args:
+        student: the student causal LM; its gradient is the one measured.
+        teacher: the teacher, over the same vocabulary (its logits are moved to the student's
+            device).
+        tokenizer: the tokenizer both models read.
+        prompts: plain-text prompts or chat messages.
+        references: one reference response per prompt.
+        divergences: name -> pointwise divergence, e.g. from `comparison_divergences`.
+        temperature: divides both logit sets before the softmax, as in the training loss.
+        bin_edges: increasing probability edges from 0 to 1; `len(bin_edges) - 1` bins.
+        batch_size: rows per forward pass.
+
     Returns:
-        A JSON-ready dict: ``bin_edges``, ``num_positions``, and for each of
-        ``by_teacher_probability``, ``by_student_probability``, ``raise_by_teacher_probability``,
-        ``raise_by_student_probability`` a ``name -> shares per bin`` mapping; plus
-        ``teacher_probability_mass`` / ``student_probability_mass``, the share of each model's
+        A JSON-ready dict: `bin_edges`, `num_positions`, and for each of
+        `by_teacher_probability`, `by_student_probability`, `raise_by_teacher_probability`,
+        `raise_by_student_probability` a `name -> shares per bin` mapping; plus
+        `teacher_probability_mass` / `student_probability_mass`, the share of each model's
         own probability mass in each bin of its probability (how much there is to allocate).
     """
     if len(prompts) != len(references):
         raise ValueError(f"Got {len(prompts)} prompts but {len(references)} references.")
     if not prompts:
         raise ValueError("mass_allocation needs at least one prompt.")
-    vocab_size = len(tokenizer)
     device = next(student.parameters()).device
     num_bins = len(bin_edges) - 1
     totals = {name: GradientMass(num_bins) for name in divergences}
@@ -280,17 +323,14 @@ def mass_allocation(
     teacher.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            input_ids, attention_mask, response_mask = _encode_batch(
+            student_logits, teacher_logits = _response_logits(
+                student,
+                teacher,
                 tokenizer,
                 prompts[start : start + batch_size],
                 references[start : start + batch_size],
+                device,
             )
-            inputs = {
-                "input_ids": input_ids.to(device),
-                "attention_mask": attention_mask.to(device),
-            }
-            student_logits = student(**inputs).logits[..., :vocab_size][response_mask]
-            teacher_logits = teacher(**inputs).logits.to(device)[..., :vocab_size][response_mask]
             for name, divergence in divergences.items():
                 totals[name].add_(
                     gradient_mass_by_probability(
@@ -301,27 +341,12 @@ def mass_allocation(
                         bin_edges=bin_edges,
                     )
                 )
-            for who, logits in (("teacher", teacher_logits), ("student", student_logits)):
-                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-                index = _bin_index(probs, edges).reshape(-1)
-                own_mass[who].add_(torch.bincount(index, probs.reshape(-1), num_bins).double())
+            _add_own_mass(own_mass["teacher"], teacher_logits, edges, temperature)
+            _add_own_mass(own_mass["student"], student_logits, edges, temperature)
     finally:
         student.train(was_training[0])
         teacher.train(was_training[1])
-
-    shares = {name: mass.shares() for name, mass in totals.items()}
-    num_positions = next(iter(totals.values())).num_positions
-    return {
-        "bin_edges": [float(edge) for edge in bin_edges],
-        "num_positions": num_positions,
-        "temperature": temperature,
-        "by_teacher_probability": {name: s["by_teacher"] for name, s in shares.items()},
-        "by_student_probability": {name: s["by_student"] for name, s in shares.items()},
-        "raise_by_teacher_probability": {name: s["raise_by_teacher"] for name, s in shares.items()},
-        "raise_by_student_probability": {name: s["raise_by_student"] for name, s in shares.items()},
-        "teacher_probability_mass": (own_mass["teacher"] / num_positions).tolist(),
-        "student_probability_mass": (own_mass["student"] / num_positions).tolist(),
-    }
+    return _allocation_result(totals, own_mass, bin_edges, temperature)
 
 
 def _bin_labels(edges: Sequence[float]) -> list[str]:
@@ -335,7 +360,7 @@ def _bin_labels(edges: Sequence[float]) -> list[str]:
 
 
 def draw_mass_allocation(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
-    """Draw ``result`` (from :func:`mass_allocation`) as two grouped bar charts into ``path``."""
+    """Draw `result` (from `mass_allocation`) as two grouped bar charts into `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,11 +418,26 @@ def plot_mass_allocation(
 ) -> dict[str, Any]:
     """Measure the allocation of AB(alpha, beta), forward and reverse KL; write PNG and JSON.
 
-    ``alpha`` / ``beta`` may be sequences to compare several settings. Writes
-    ``mass_allocation.png`` and ``mass_allocation.json`` into ``output_dir``.
+    `alpha` / `beta` may be sequences to compare several settings. Writes
+    `mass_allocation.png` and `mass_allocation.json` into `output_dir`.
+
+    Args:
+        student: the student causal LM.
+        teacher: the teacher, over the same vocabulary.
+        tokenizer: the tokenizer both models read.
+        prompts: plain-text prompts or chat messages.
+        references: one reference response per prompt.
+        alpha: alpha of the AB divergence, or one per setting.
+        beta: beta of the AB divergence, or one per setting (as many as `alpha`).
+        output_dir: where the PNG and the JSON are written (created if missing).
+        temperature: divides both logit sets before the softmax, as in the training loss.
+        bin_edges: increasing probability edges from 0 to 1; `len(bin_edges) - 1` bins.
+        batch_size: rows per forward pass.
+        title: the chart's title; empty: "Where the gradient goes (N positions)".
 
     Returns:
-        The :func:`mass_allocation` result, with the written paths under ``"files"``.
+        The [`mass_allocation`][abkd_trainer.tools.mass_allocation.mass_allocation] result, with
+        the written paths under `"files"`.
     """
     result = mass_allocation(
         student,
@@ -443,7 +483,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m abkd_trainer.tools.mass_allocation``: PNG and JSON for a model pair."""
+    """`python -m abkd_trainer.tools.mass_allocation`: PNG and JSON for a model pair."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
