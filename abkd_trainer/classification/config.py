@@ -64,6 +64,11 @@ class ABKDClassifierConfig(DivergenceArguments, TrainingArguments):
             pretrained backbone).
         disable_dropout (`bool`, defaults to `False`): disable dropout in the student. The
             teacher always runs in eval mode.
+        overwrite_output_dir (`bool`, defaults to `False`): start afresh in an `output_dir` that
+            holds checkpoints or a saved model of an earlier run (its `checkpoint-*` folders are
+            deleted when training starts without `resume_from_checkpoint`). Without it,
+            `abkd-train-classifier` refuses such a folder and `ABKDClassifierTrainer.train()`
+            warns.
 
     `label_names` defaults to `["labels"]`, the key the collators write the labels under, so
     that evaluation gathers them for every student (PEFT models included).
@@ -144,6 +149,15 @@ class ABKDClassifierConfig(DivergenceArguments, TrainingArguments):
     disable_dropout: bool = field(
         default=False,
         metadata={"help": "Disable dropout in the student. The teacher always runs in eval mode."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds checkpoints or a saved model of an "
+            "earlier run: its checkpoint-* folders are deleted when training starts without "
+            "`resume_from_checkpoint`. Without it, abkd-train-classifier refuses such a folder "
+            "and `ABKDClassifierTrainer.train()` warns."
+        },
     )
 
     def __post_init__(self) -> None:

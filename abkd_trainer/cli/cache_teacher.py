@@ -86,7 +86,7 @@ def make_parser(prog: str | None = "abkd-cache-teacher") -> TrlParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """`(script, cache, training, model, mixture, is_demo)` from `argv`."""
-    from abkd_trainer.cli.train import init_cpu_distributed, requested_values
+    from abkd_trainer.cli.common import init_cpu_distributed, requested_values
     from abkd_trainer.lm.demo import DEMO_DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -29,6 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abkd_trainer.cli.common import (
+    check_before_loading,
+    init_cpu_distributed,
+    push_and_end,
+    requested_values,
+    run_command,
+)
+
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from trl import TrlParser
@@ -127,27 +135,6 @@ def make_parser(
     return parser
 
 
-def requested_values(argv: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
-    """Values of `names` given on the command line or in the `--config` YAML (not defaults)."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    argv = list(argv)
-    if "--config" in argv:
-        config_path = argv[argv.index("--config") + 1]
-        with open(config_path) as handle:
-            config = yaml.safe_load(handle) or {}
-        values.update({name: config[name] for name in names if config.get(name) is not None})
-    for index, token in enumerate(argv):
-        for name in names:
-            flag = f"--{name}"
-            if token == flag and index + 1 < len(argv):
-                values[name] = argv[index + 1]
-            elif token.startswith(flag + "="):
-                values[name] = token.split("=", 1)[1]
-    return values
-
-
 def is_demo_run(argv: Sequence[str]) -> bool:
     """True when neither a student, a teacher nor a dataset is named: run the offline demo.
 
@@ -237,15 +224,6 @@ def _explain_precision_error(error: ValueError) -> ValueError:
     if "bf16" not in str(error) or is_torch_bf16_gpu_available():
         return error
     return ValueError(f"{error}\nabkd-train: no GPU with bf16 support here. {CPU_PRECISION_HINT}")
-
-
-def init_cpu_distributed(use_deepspeed: bool) -> bool:
-    """Create the process group of a DeepSpeed run on CPU ranks, which it needs before the
-    training arguments exist; True when it did (the arguments must then use the configured
-    state: `CONFIGURED_STATE_ACCELERATOR_CONFIG`)."""
-    from abkd_trainer.core.distributed import init_cpu_distributed_state
-
-    return init_cpu_distributed_state(use_deepspeed=True if use_deepspeed else None)
 
 
 def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
@@ -414,7 +392,7 @@ def run(
     from abkd_trainer.core.model_card import hub_id
     from abkd_trainer.lm.trainer import ABKDTrainer
 
-    checkpoint = _check_before_loading(training_args)
+    checkpoint = check_before_loading(training_args)
     inputs = load_run_inputs(script_args, training_args, model_args, mixture_args, demo)
     trainer = ABKDTrainer(
         model=inputs.model,
@@ -445,7 +423,7 @@ def run(
     elif trainer.is_world_process_zero():
         print(f"Student, tokenizer and model card saved in {training_args.output_dir}.")
 
-    _push_and_end(trainer, dataset_name=hub_dataset)
+    push_and_end(trainer, dataset_name=hub_dataset)
     return report
 
 
@@ -512,55 +490,6 @@ def _write_run_report(
     return report
 
 
-def _check_before_loading(training_args: ABKDConfig) -> str | None:
-    """Checks that fail at once rather than after loading models or training.
-
-    A reused `output_dir`, a resume without a checkpoint, and (`--push_to_hub`) a Hub that
-    cannot be written to. Returns the checkpoint to resume from, or None.
-    """
-    from abkd_trainer.core.checkpoints import (
-        check_output_dir_is_free,
-        resolve_resume_from_checkpoint,
-    )
-    from abkd_trainer.core.hub import check_hub_access
-
-    check_output_dir_is_free(
-        training_args.output_dir,
-        resume_from_checkpoint=training_args.resume_from_checkpoint,
-        overwrite_output_dir=training_args.overwrite_output_dir,
-    )
-    checkpoint = resolve_resume_from_checkpoint(
-        training_args.resume_from_checkpoint, training_args.output_dir
-    )
-    if training_args.push_to_hub and training_args.process_index == 0:
-        check_hub_access(training_args.hub_token)
-    return checkpoint
-
-
-def _push_and_end(trainer: Any, dataset_name: str | None) -> None:
-    """Upload (`--push_to_hub`) once everything is saved locally, then end the run.
-
-    Raises:
-        HubUploadError: after every rank is done, when the upload failed; the message lists
-            the local files and the command that retries the upload.
-    """
-    from abkd_trainer.core.hub import HubUploadError, upload_failure_message
-
-    args = trainer.args
-    upload_error = None
-    if args.push_to_hub:
-        try:
-            trainer.push_to_hub(dataset_name=dataset_name)
-        except Exception as error:  # network, auth, quota: reported once every rank is done
-            upload_error = error
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()  # finish trackers and destroy the process group
-    if upload_error is not None:
-        repo_id = trainer.hub_model_id or args.hub_model_id or "<repo_id>"
-        message = upload_failure_message(upload_error, repo_id, args.output_dir, args.hub_revision)
-        raise HubUploadError(message) from upload_error
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `abkd-train` and `python -m abkd_trainer`."""
     script_args, training_args, model_args, mixture_args, demo = parse_args(argv)
@@ -573,17 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "abkd-train: no model or dataset given, running the offline demo "
             f"(output in {os.path.abspath(training_args.output_dir)})."
         )
-    from abkd_trainer.core.distributed import finish_distributed_run
-    from abkd_trainer.core.hub import HubUploadError
-
-    try:
-        run(script_args, training_args, model_args, mixture_args, demo)
-    except HubUploadError as error:  # training, saving and the report succeeded
-        print(f"abkd-train: {error}", file=sys.stderr)
-        return 1
-    # The CPU (gloo) DeepSpeed path needs the hard exit described there; GPU runs do not.
-    finish_distributed_run(skip_interpreter_teardown=cpu_deepspeed)
-    return 0
+    return run_command(
+        "abkd-train",
+        functools.partial(run, script_args, training_args, model_args, mixture_args, demo),
+        cpu_deepspeed=cpu_deepspeed,
+    )
 
 
 if __name__ == "__main__":

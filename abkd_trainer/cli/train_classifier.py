@@ -25,6 +25,7 @@ teacher and of the student before and after training.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -32,6 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from abkd_trainer.cli.common import (
+    check_before_loading,
+    init_cpu_distributed,
+    push_and_end,
+    requested_values,
+    run_command,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -44,6 +53,51 @@ PROG = "abkd-train-classifier"
 RUN_ARGUMENTS = ("model_name_or_path", "teacher_model_name_or_path", "dataset_name")
 
 
+# The help of each script argument (shown by `--help`). The dataclass that declares them is
+# built by `script_arguments_class` on first use, so that importing this module imports no TRL.
+SCRIPT_ARGUMENT_HELP: dict[str, str] = {
+    "dataset_name": (
+        "Dataset to distil on: a Hub id, a local .csv/.json/.jsonl/.parquet file (loaded as the"
+        " `train` split), a directory saved with `save_to_disk`, or a folder of images / audio "
+        "files with one subfolder per class (imagefolder / audiofolder; `train`/`test` "
+        "subfolders become splits). With no model, teacher and dataset, the offline demo runs."
+    ),
+    "dataset_test_file": (
+        "Optional local file loaded as the held-out split (`dataset_test_split`) when "
+        "`dataset_name` is a single file."
+    ),
+    "dataset_test_size": (
+        "When the dataset has no `dataset_test_split` split: hold out this fraction (or, > 1, "
+        "this number) of the training rows, stratified by class, for evaluation and the report."
+    ),
+    "input_column": (
+        "The column with the model inputs (default: the first of image, img, pixel_values, "
+        "text, sentence, audio, input_values)."
+    ),
+    "label_column": "The column with the class of each example (default: label, labels).",
+    "max_length": (
+        "Text only: truncate tokenised inputs to this many tokens (default: each tokenizer's "
+        "limit)."
+    ),
+    "processor_name_or_path": (
+        "Where to load the student's image processor / tokenizer / feature extractor from "
+        "(default: --model_name_or_path)."
+    ),
+    "teacher_processor_name_or_path": (
+        "The same for the teacher (default: --teacher_model_name_or_path). When it preprocesses"
+        " like the student's, the teacher shares the student's inputs."
+    ),
+    "ignore_mismatched_sizes": (
+        "Give a student loaded by name a new classification head for the dataset's classes when"
+        " its checkpoint has a head of another size (e.g. an ImageNet backbone)."
+    ),
+}
+
+
+def _argument(name: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": SCRIPT_ARGUMENT_HELP[name]})
+
+
 def script_arguments_class() -> type:
     """The script-arguments dataclass of `abkd-train-classifier` (defined lazily: no TRL import
     at module import)."""
@@ -54,73 +108,17 @@ def script_arguments_class() -> type:
         """Script arguments of `abkd-train-classifier`: TRL's dataset arguments plus the columns,
         the held-out split, the processors and the student's head."""
 
-        dataset_name: str | None = field(
-            default=None,
-            metadata={
-                "help": "Dataset to distil on: a Hub id, a local .csv/.json/.jsonl/.parquet file "
-                "(loaded as the `train` split), a directory saved with `save_to_disk`, or a "
-                "folder of images / audio files with one subfolder per class (imagefolder / "
-                "audiofolder; `train`/`test` subfolders become splits). With no model, teacher "
-                "and dataset, the offline demo runs."
-            },
+        dataset_name: str | None = _argument("dataset_name", None)
+        dataset_test_file: str | None = _argument("dataset_test_file", None)
+        dataset_test_size: float | None = _argument("dataset_test_size", None)
+        input_column: str | None = _argument("input_column", None)
+        label_column: str | None = _argument("label_column", None)
+        max_length: int | None = _argument("max_length", None)
+        processor_name_or_path: str | None = _argument("processor_name_or_path", None)
+        teacher_processor_name_or_path: str | None = _argument(
+            "teacher_processor_name_or_path", None
         )
-        dataset_test_file: str | None = field(
-            default=None,
-            metadata={
-                "help": "Optional local file loaded as the held-out split (`dataset_test_split`) "
-                "when `dataset_name` is a single file."
-            },
-        )
-        dataset_test_size: float | None = field(
-            default=None,
-            metadata={
-                "help": "When the dataset has no `dataset_test_split` split: hold out this "
-                "fraction (or, > 1, this number) of the training rows, stratified by class, for "
-                "evaluation and the report."
-            },
-        )
-        input_column: str | None = field(
-            default=None,
-            metadata={
-                "help": "The column with the model inputs (default: the first of image, img, "
-                "pixel_values, text, sentence, audio, input_values)."
-            },
-        )
-        label_column: str | None = field(
-            default=None,
-            metadata={
-                "help": "The column with the class of each example (default: label, labels)."
-            },
-        )
-        max_length: int | None = field(
-            default=None,
-            metadata={
-                "help": "Text only: truncate tokenised inputs to this many tokens (default: each "
-                "tokenizer's limit)."
-            },
-        )
-        processor_name_or_path: str | None = field(
-            default=None,
-            metadata={
-                "help": "Where to load the student's image processor / tokenizer / feature "
-                "extractor from (default: --model_name_or_path)."
-            },
-        )
-        teacher_processor_name_or_path: str | None = field(
-            default=None,
-            metadata={
-                "help": "The same for the teacher (default: --teacher_model_name_or_path). When "
-                "it preprocesses like the student's, the teacher shares the student's inputs."
-            },
-        )
-        ignore_mismatched_sizes: bool = field(
-            default=False,
-            metadata={
-                "help": "Give a student loaded by name a new classification head for the "
-                "dataset's classes when its checkpoint has a head of another size (e.g. an "
-                "ImageNet backbone)."
-            },
-        )
+        ignore_mismatched_sizes: bool = _argument("ignore_mismatched_sizes", False)
 
     return ClassifierScriptArguments
 
@@ -150,8 +148,6 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     Raises:
         ValueError: when only some of them are named.
     """
-    from abkd_trainer.cli.train import requested_values
-
     requested = requested_values(argv, RUN_ARGUMENTS)
     if not requested:
         return True
@@ -174,7 +170,6 @@ def parse_args(
     """
     from abkd_trainer.classification.config import ABKDClassifierConfig
     from abkd_trainer.classification.demo import DEMO_DEFAULTS
-    from abkd_trainer.cli.train import init_cpu_distributed, requested_values
 
     argv = list(sys.argv[1:] if argv is None else argv)
     demo = is_demo_run(argv)
@@ -184,8 +179,7 @@ def parse_args(
         # `--help` shows the real defaults, not the demo's.
         config_fields = {f.name for f in fields(ABKDClassifierConfig)}
         overrides.update({k: v for k, v in DEMO_DEFAULTS.items() if k in config_fields})
-        if "overwrite_output_dir" in config_fields:
-            overrides["overwrite_output_dir"] = True  # each demo run replaces the previous one
+        overrides["overwrite_output_dir"] = True  # each demo run replaces the previous one
     if init_cpu_distributed(requested_values(argv, ("deepspeed",)).get("deepspeed") is not None):
         from abkd_trainer.core.distributed import CONFIGURED_STATE_ACCELERATOR_CONFIG
 
@@ -493,48 +487,6 @@ def write_run_report(
     return report
 
 
-def check_before_loading(training_args: ABKDClassifierConfig) -> str | None:
-    """Refuse a used `output_dir` (unless resuming or overwriting) before loading anything;
-    return the checkpoint to resume from, or None."""
-    from abkd_trainer.core.checkpoints import (
-        check_output_dir_is_free,
-        resolve_resume_from_checkpoint,
-    )
-
-    check_output_dir_is_free(
-        training_args.output_dir,
-        resume_from_checkpoint=training_args.resume_from_checkpoint,
-        overwrite_output_dir=getattr(training_args, "overwrite_output_dir", False),
-    )
-    return resolve_resume_from_checkpoint(
-        training_args.resume_from_checkpoint, training_args.output_dir
-    )
-
-
-def push_and_end(trainer: Any) -> None:
-    """Upload (`--push_to_hub`) once everything is saved locally, then end the run.
-
-    Raises:
-        HubUploadError: after every rank is done, when the upload failed; the message lists the
-            local files and the command that retries the upload.
-    """
-    from abkd_trainer.core.hub import HubUploadError, upload_failure_message
-
-    args = trainer.args
-    upload_error = None
-    if args.push_to_hub:
-        try:
-            trainer.push_to_hub()
-        except Exception as error:  # network, auth, quota: reported once every rank is done
-            upload_error = error
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()  # finish trackers and destroy the process group
-    if upload_error is not None:
-        repo_id = trainer.hub_model_id or args.hub_model_id or "<repo_id>"
-        message = upload_failure_message(upload_error, repo_id, args.output_dir, args.hub_revision)
-        raise HubUploadError(message) from upload_error
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of `abkd-train-classifier`."""
     script_args, training_args, model_args, demo = parse_args(argv)
@@ -547,17 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{PROG}: no model, teacher or dataset given, running the offline demo "
             f"(output in {os.path.abspath(training_args.output_dir)})."
         )
-    from abkd_trainer.core.distributed import finish_distributed_run
-    from abkd_trainer.core.hub import HubUploadError
-
-    try:
-        run(script_args, training_args, model_args, demo)
-    except HubUploadError as error:  # training, saving and the report succeeded
-        print(f"{PROG}: {error}", file=sys.stderr)
-        return 1
-    # The CPU (gloo) DeepSpeed path needs the hard exit described there; GPU runs do not.
-    finish_distributed_run(skip_interpreter_teardown=cpu_deepspeed)
-    return 0
+    return run_command(
+        PROG,
+        functools.partial(run, script_args, training_args, model_args, demo),
+        cpu_deepspeed=cpu_deepspeed,
+    )
 
 
 if __name__ == "__main__":
