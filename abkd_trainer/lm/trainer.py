@@ -88,37 +88,38 @@ _TOKEN_AVERAGED_METRICS = _METRIC_SUMS[:-2]
 
 
 class ABKDTrainer(SFTTrainer):
-    """Knowledge distillation with the alpha-beta divergence (ABKD), on top of TRL's [`SFTTrainer`].
+    """Knowledge distillation with the alpha-beta divergence (ABKD), on top of TRL's `SFTTrainer`.
 
-    The student is trained on SFT data (any format SFTTrainer accepts: ``text``,
-    ``prompt``/``completion``, conversational ``messages``, packing) to match a frozen teacher's
-    next-token distribution on the supervised tokens, with the loss described in [`ABKDConfig`].
+    The student is trained on SFT data (any format SFTTrainer accepts: `text`, `prompt` /
+    `completion`, `messages`, packing) to match a frozen teacher's next-token distribution on the
+    supervised tokens, with the loss described in [`ABKDConfig`][abkd_trainer.lm.config.ABKDConfig].
 
     Args:
-        model: the student, an instance or a name/path loaded with ``args.model_init_kwargs``.
-        teacher_model: the teacher, an instance or a name/path loaded with
-            ``args.teacher_model_init_kwargs``; defaults to ``args.teacher_model_name_or_path``.
-            It must use the student's tokenizer. Its logits may be wider than the student's
-            (padded embedding rows): only the first ``len(tokenizer)`` entries are compared.
-            None with ``args.teacher_cache``: the teacher's top-k log-probabilities are read
-            from a cache written by ``abkd-cache-teacher`` and no teacher is loaded
-            (``self.teacher_model`` is None; see :mod:`abkd_trainer.lm.teacher_cache`).
-        args: an [`ABKDConfig`] (a plain ``TrainingArguments`` is converted).
-        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks,
-        optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config,
-        peft_config, formatting_func: as in [`SFTTrainer`] (``quantization_config`` applies to a
-            student given by name, e.g. QLoRA with a ``peft_config``).
-        compute_loss_func: accepted for signature compatibility with [`SFTTrainer`] but must be
-            None: the loss is the distillation objective configured in [`ABKDConfig`].
+        model: the student, an instance or a name/path loaded with `args.model_init_kwargs`.
+        teacher_model: the teacher, an instance or a name/path (loaded with
+            `args.teacher_model_init_kwargs`); default `args.teacher_model_name_or_path`. It must
+            use the student's tokenizer; only its first `len(tokenizer)` logits are compared. None
+            with `args.teacher_cache`: no teacher is loaded, the top-k log-probabilities cached by
+            `abkd-cache-teacher` are read instead (see `abkd_trainer.lm.teacher_cache`).
+        args: the [`ABKDConfig`][abkd_trainer.lm.config.ABKDConfig] (`TrainingArguments` converted).
+        data_collator: batches the examples; by default SFTTrainer's, plus the teacher cache's.
+        train_dataset: the SFT training data, in one of the formats above.
+        eval_dataset: evaluation data: one dataset, or a dict of named ones.
+        processing_class: the tokenizer both models read; by default the student's.
+        compute_loss_func: must be None (it is in `SFTTrainer`'s signature); `args` set the loss.
+        compute_metrics: as in `Trainer`, metrics from the evaluation predictions.
+        callbacks: added to the defaults (a `CollapseGuardCallback` is added unless given).
+        optimizers: `(optimizer, lr_scheduler)` to use instead of the defaults.
+        optimizer_cls_and_kwargs: an optimizer class and its keyword arguments, instead.
+        preprocess_logits_for_metrics: applied to the logits before `compute_metrics` sees them.
+        quantization_config: for a student given by name, e.g. QLoRA with a `peft_config`.
+        peft_config: train a PEFT adapter (e.g. LoRA) on the student instead of its weights.
+        formatting_func: turns an example into the text to train on, as in `SFTTrainer`.
 
-    The prepared teacher is ``self.teacher_model``: frozen, in eval mode, on the student's device,
-    never in the optimizer or a checkpoint; ``self.teacher_name`` names it (its name or path, model
-    id or class; from a cache, the teacher its manifest names). Logged per train/eval period, as
-    token-weighted averages over accumulation steps and processes: ``kd_loss``, ``ce_loss``,
-    ``teacher_agreement`` (top-1 agreement), ``student_entropy`` and ``teacher_entropy`` (nats,
-    temperature 1), and, for ``divergence="ab"``, the current ``alpha`` and ``beta``.
-    SFTTrainer's ``entropy`` (the same value as ``student_entropy``), ``mean_token_accuracy`` and
-    ``num_tokens`` are logged too, from the same pass (see the README's "Logged metrics").
+    The prepared teacher, `self.teacher_model`, is frozen, in eval mode, on the student's device and
+    never checkpointed; `self.teacher_name` names it. Besides SFTTrainer's metrics, `kd_loss`,
+    `ce_loss`, `teacher_agreement`, both entropies and, for `divergence="ab"`, `alpha` and `beta`
+    are logged (see [Logged metrics and safety checks][logged-metrics-and-safety-checks]).
     """
 
     _tag_names = ["trl", "abkd", "knowledge-distillation"]
@@ -197,7 +198,7 @@ class ABKDTrainer(SFTTrainer):
     # ------------------------------------------------------------------ set-up helpers
 
     def _train_from_cache(self, path: str | os.PathLike) -> TeacherCache:
-        """Train from the teacher cache at ``path``: checked against this run, its row ids ride
+        """Train from the teacher cache at `path`: checked against this run, its row ids ride
         with the prepared datasets and the collator adds each batch's cached teacher rows."""
         cached = train_from_cache(
             path,
@@ -258,7 +259,7 @@ class ABKDTrainer(SFTTrainer):
 
     def _set_up_loss(self, models: dict[str, nn.Module]) -> None:
         """The objective, the fused loss's logit transforms (checked at start-up) and the metric
-        sums; ``models`` maps roles to the models as given."""
+        sums; `models` maps roles to the models as given."""
         args, self.distillation_objective = self.args, self._build_objective()
         # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
         self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
@@ -322,8 +323,8 @@ class ABKDTrainer(SFTTrainer):
     ) -> tuple[list, torch.Tensor | None]:
         """Fetch the micro-batches of one optimizer step and count their supervised tokens.
 
-        The count is ``labels[..., 1:] != -100`` over all micro-batches and (with
-        ``average_tokens_across_devices``) all processes, the same shifted count ``compute_loss``
+        The count is `labels[..., 1:] != -100` over all micro-batches and (with
+        `average_tokens_across_devices`) all processes, the same shifted count `compute_loss`
         uses locally. Trainer's own count depends on the model class (GPT-2 counts unshifted
         labels) and is replaced here. With on-policy distillation the completions are sampled
         first, so the count is of the sampled tokens.
