@@ -49,7 +49,6 @@ PENDING_CONVERSION: tuple[str, ...] = (
     "abkd_trainer/classification/data.py",
     "abkd_trainer/classification/report.py",
     "abkd_trainer/lm/config.py",
-    "abkd_trainer/tools/sweep.py",
 )
 
 ROLE = re.compile(

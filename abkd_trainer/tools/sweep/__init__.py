@@ -1,0 +1,124 @@
+"""`abkd-sweep`: choose (alpha, beta) (and optionally learning rate and temperature) with Optuna.
+
+Every trial is a short distillation from the same student initialisation (`set_seed(seed)`
+before the student is built) with the same data order; the teacher is loaded once. The sampler
+is Optuna's TPE (`--sampler grid` walks a grid), and Optuna's median pruner stops trials whose
+intermediate evaluations fall below the median of earlier trials at the same step (never at the
+final evaluation: a finished trial keeps its result). The objective is any metric of
+`Trainer.evaluate`; by default `eval_rouge_l` (maximised) when the test split has prompts and
+references, otherwise `eval_reference_kl` (minimised; see `metrics`).
+
+Flags and `--config` YAML files are those of `abkd-train` plus `SweepArguments`; with no model
+and dataset the demo is swept. Outputs in `--output_dir`: `trials.csv`, `heatmap.png` (the
+objective over the (alpha, beta) plane) and `best.yaml`, which `abkd-train --config best.yaml`
+runs as is.
+
+Scale-out: with `--storage URL` (an Optuna RDB URL: `sqlite:///sweep.db` for the workers of one
+machine, `postgresql://...` or `mysql://...` for many) every `abkd-sweep` started with the same
+`--storage` and `--study_name` joins one study; together they run `--n_trials` trials. Each
+worker writes the outputs of the whole study when it stops.
+
+**How this uses `Trainer.hyperparameter_search`.** The trials run through transformers' Optuna
+integration (`run_hp_search_optuna`): the trainer is built once with its teacher, a `model_init`
+rebuilds the student for every trial, `hp_space` suggests the parameters, which the Trainer
+writes into `args`, and the Trainer reports every evaluation to the trial and raises
+`TrialPruned` when the pruner says so. Storage, study name, sampler and pruner go to
+`optuna.create_study` through the `**kwargs` of `hyperparameter_search`. Three things are glue
+around it, each because the integration has no hook for it:
+
+- the trial budget shared by several workers: `study.optimize` gets no callbacks (so no
+  `MaxTrialsCallback`), so each worker calls `hyperparameter_search(n_trials=1)` until the study
+  holds `n_trials` trials; a trial that another worker's trial pushed over the budget in the
+  moment between that check and its creation is pruned at once and marked `over_budget` (left
+  out of every output), so no trial runs beyond the budget;
+- the study is created here first (so that its first worker, alone, enqueues the reference
+  points: forward KL, reverse KL and the paper's settings) and read back for the outputs, since
+  `hyperparameter_search` returns only the best run;
+- `SweepMetricsCallback` adds `eval_reference_kl` to the metrics of every evaluation
+  (`on_evaluate` receives the dict that the Trainer then reports; `RougeLCallback` adds
+  `eval_rouge_l` the same way).
+
+The modules, by concern: `search_space` (the arguments, search space, samplers, pruners and
+`hp_space`), `metrics` (the objective and the reference KL), `trials` (the budget: which trials
+count, claiming one), `study` (storage, study, workers: `run_trainer_sweep` for any Trainer with
+a `model_init`), `lm` (`run_sweep` for `ABKDTrainer`), `outputs` (`trials.csv`, heat map,
+`best.yaml`) and `command` (the parser and `main`).
+"""
+
+from abkd_trainer.tools.sweep.command import (
+    DESCRIPTION,
+    SWEEP_DEFAULTS,
+    SWEEP_DEMO_DEFAULTS,
+    explicit_train_arguments,
+    main,
+    make_sweep_parser,
+    parse_sweep_args,
+)
+from abkd_trainer.tools.sweep.lm import make_model_init, run_sweep
+from abkd_trainer.tools.sweep.metrics import (
+    REFERENCE_KL_METRIC,
+    ROUGE_L_METRIC,
+    SweepMetricsCallback,
+    TrialMetricsCallback,
+    choose_objective,
+    infer_direction,
+    reference_kl,
+)
+from abkd_trainer.tools.sweep.outputs import (
+    draw_heatmap,
+    trial_rows,
+    write_best_yaml,
+    write_sweep_outputs,
+    write_trials_csv,
+)
+from abkd_trainer.tools.sweep.search_space import (
+    REFERENCE_POINTS,
+    SweepArguments,
+    make_hp_space,
+    make_pruner,
+    make_sampler,
+    spare_final_evaluation,
+)
+from abkd_trainer.tools.sweep.study import (
+    SweepResult,
+    create_or_load_study,
+    open_storage,
+    run_trainer_sweep,
+)
+from abkd_trainer.tools.sweep.trials import claim_trial, counted_trials
+
+__all__ = [
+    "DESCRIPTION",
+    "REFERENCE_KL_METRIC",
+    "REFERENCE_POINTS",
+    "ROUGE_L_METRIC",
+    "SWEEP_DEFAULTS",
+    "SWEEP_DEMO_DEFAULTS",
+    "SweepArguments",
+    "SweepMetricsCallback",
+    "SweepResult",
+    "TrialMetricsCallback",
+    "choose_objective",
+    "claim_trial",
+    "counted_trials",
+    "create_or_load_study",
+    "draw_heatmap",
+    "explicit_train_arguments",
+    "infer_direction",
+    "main",
+    "make_hp_space",
+    "make_model_init",
+    "make_pruner",
+    "make_sampler",
+    "make_sweep_parser",
+    "open_storage",
+    "parse_sweep_args",
+    "reference_kl",
+    "run_sweep",
+    "run_trainer_sweep",
+    "spare_final_evaluation",
+    "trial_rows",
+    "write_best_yaml",
+    "write_sweep_outputs",
+    "write_trials_csv",
+]

@@ -1,0 +1,294 @@
+"""What `abkd-sweep` searches and how: its arguments, the search space, samplers and pruners.
+
+[SweepArguments][abkd_trainer.tools.sweep.search_space.SweepArguments] holds the flags that
+`abkd-sweep` adds to those of `abkd-train`. From them come the search space (`alpha`, `beta`
+and optionally `learning_rate` and `temperature`), the grid of `--sampler grid`, Optuna's sampler
+and pruner, and the `hp_space` that suggests a trial's parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+# (alpha, beta) points marked on the heat map and, by default, tried first.
+REFERENCE_POINTS: dict[str, tuple[float, float]] = {
+    "forward KL": (1.0, 0.0),
+    "reverse KL": (0.0, 1.0),
+    "paper GPT-2": (0.2, 0.7),
+    "paper OpenLLaMA": (0.1, 0.8),
+    "paper vision": (0.8, 0.3),
+}
+# The trial's user attribute holding its number of training steps (see `spare_final_evaluation`).
+MAX_STEPS_ATTR = "max_steps"
+
+
+@dataclass
+class SweepArguments:
+    """The arguments `abkd-sweep` adds to those of `abkd-train`."""
+
+    n_trials: int = field(
+        default=16,
+        metadata={
+            "help": "Trials of the study in total, shared by all workers of one --storage study "
+            "(the demo sweep defaults to 12)."
+        },
+    )
+    storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna RDB storage URL (e.g. sqlite:///sweep.db, postgresql://host/db). "
+            "Workers started with the same --storage and --study_name share one study. None: "
+            "in memory, one worker."
+        },
+    )
+    study_name: str = field(default="abkd-sweep", metadata={"help": "Name of the Optuna study."})
+    sampler: str = field(
+        default="tpe",
+        metadata={"help": "'tpe' (Optuna's TPESampler) or 'grid' (--grid_alpha x --grid_beta)."},
+    )
+    alpha_range: list[float] = field(
+        default_factory=lambda: [0.0, 1.0],
+        metadata={"help": "Low and high alpha of the TPE search."},
+    )
+    beta_range: list[float] = field(
+        default_factory=lambda: [0.0, 1.0],
+        metadata={"help": "Low and high beta of the TPE search."},
+    )
+    grid_alpha: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "Alpha values of --sampler grid."},
+    )
+    grid_beta: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "Beta values of --sampler grid."},
+    )
+    learning_rate_range: list[float] | None = field(
+        default=None,
+        metadata={"help": "If set (low high), also search the learning rate, log-uniformly."},
+    )
+    temperature_range: list[float] | None = field(
+        default=None,
+        metadata={"help": "If set (low high), also search the divergence temperature."},
+    )
+    objective_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Metric of Trainer.evaluate to optimise, e.g. eval_rouge_l, "
+            "eval_reference_kl, eval_loss, eval_teacher_agreement. None: eval_rouge_l when the "
+            "test split has prompts and references, else eval_reference_kl (forward KL to the "
+            "teacher, the same divergence for every trial)."
+        },
+    )
+    direction: str | None = field(
+        default=None,
+        metadata={"help": "'maximize' or 'minimize'; None infers it from the metric's name."},
+    )
+    enqueue_reference_points: bool = field(
+        default=True,
+        metadata={
+            "help": "Start a new TPE study with forward KL (1, 0), reverse KL (0, 1) and the "
+            "paper's (0.2, 0.7), (0.1, 0.8), (0.8, 0.3) (those inside the search ranges)."
+        },
+    )
+    pruner_startup_trials: int = field(
+        default=3,
+        metadata={"help": "MedianPruner: trials that are never pruned before pruning starts."},
+    )
+    pruner_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "MedianPruner: training steps of a trial before it may be pruned."},
+    )
+    no_pruning: bool = field(default=False, metadata={"help": "Run every trial to the end."})
+    heldout_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "When the dataset has no test split, this fraction of the training rows "
+            "(at most 1000) is held out for evaluation."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise ValueError(f"`n_trials` must be >= 1, got {self.n_trials}.")
+        if self.sampler not in ("tpe", "grid"):
+            raise ValueError(f"`sampler` must be 'tpe' or 'grid', got {self.sampler!r}.")
+        if self.direction not in (None, "maximize", "minimize"):
+            raise ValueError(
+                f"`direction` must be 'maximize' or 'minimize', got {self.direction!r}."
+            )
+        for name in ("alpha_range", "beta_range", "learning_rate_range", "temperature_range"):
+            bounds = getattr(self, name)
+            if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
+                raise ValueError(f"`{name}` must be two numbers, low < high, got {bounds}.")
+        for name in ("learning_rate_range", "temperature_range"):
+            bounds = getattr(self, name)
+            if bounds is not None and bounds[0] <= 0:
+                raise ValueError(f"`{name}` must be positive, got {bounds}.")
+        if self.sampler == "grid" and (not self.grid_alpha or not self.grid_beta):
+            raise ValueError("`grid_alpha` and `grid_beta` need at least one value each.")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"`heldout_fraction` must be in (0, 1), got {self.heldout_fraction}.")
+
+
+def import_optuna() -> Any:
+    """The `optuna` module, or an `ImportError` that names the `sweep` extra.
+
+    Raises:
+        ImportError: Optuna is not installed.
+    """
+    try:
+        import optuna
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "abkd-sweep needs Optuna: pip install 'abkd-trainer[sweep]' (or `pip install optuna`)."
+        ) from error
+    return optuna
+
+
+def search_space(sweep_args: SweepArguments) -> dict[str, tuple[float, float, bool]]:
+    """The searched configuration fields and their ranges.
+
+    Args:
+        sweep_args: the search.
+
+    Returns:
+        Field name -> `(low, high, log scale)`; `alpha` and `beta` always, `learning_rate`
+        (log scale) and `temperature` when their ranges are given.
+    """
+    space = {
+        "alpha": (*sweep_args.alpha_range, False),
+        "beta": (*sweep_args.beta_range, False),
+    }
+    if sweep_args.learning_rate_range is not None:
+        space["learning_rate"] = (*sweep_args.learning_rate_range, True)
+    if sweep_args.temperature_range is not None:
+        space["temperature"] = (*sweep_args.temperature_range, False)
+    return space
+
+
+def grid_points(sweep_args: SweepArguments) -> dict[str, list[float]]:
+    """The grid of `--sampler grid`: field name -> its values.
+
+    `alpha` and `beta` take `--grid_alpha` and `--grid_beta`; a searched learning rate or
+    temperature takes the two ends of its range.
+
+    Args:
+        sweep_args: the search.
+    """
+    grid = {"alpha": list(sweep_args.grid_alpha), "beta": list(sweep_args.grid_beta)}
+    if sweep_args.learning_rate_range is not None:
+        grid["learning_rate"] = list(sweep_args.learning_rate_range)
+    if sweep_args.temperature_range is not None:
+        grid["temperature"] = list(sweep_args.temperature_range)
+    return grid
+
+
+def grid_size(sweep_args: SweepArguments) -> int:
+    """The number of points of the grid of `--sampler grid`.
+
+    Args:
+        sweep_args: the search.
+    """
+    size = 1
+    for values in grid_points(sweep_args).values():
+        size *= len(values)
+    return size
+
+
+def make_sampler(sweep_args: SweepArguments, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's `GridSampler` over `grid_points` for `--sampler grid`, else its `TPESampler`.
+
+    Args:
+        sweep_args: the search.
+        seed: the sampler's seed (the training seed), so that a sweep can be repeated.
+    """
+    optuna = import_optuna()
+    if sweep_args.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_points(sweep_args), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(sweep_args: SweepArguments) -> optuna.pruners.BasePruner:
+    """Optuna's `MedianPruner` with the sweep's start-up trials and warm-up steps.
+
+    Args:
+        sweep_args: the search; with `no_pruning`, a `NopPruner`.
+    """
+    optuna = import_optuna()
+    if sweep_args.no_pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=sweep_args.pruner_startup_trials,
+        n_warmup_steps=sweep_args.pruner_warmup_steps,
+    )
+
+
+def spare_final_evaluation(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    """`pruner`, except at a trial's last training step.
+
+    The Trainer reports the final evaluation too, and a plain median pruner would discard a
+    trial that has already finished (its value lost, though its cost was paid). The last step
+    is the trial's user attribute `max_steps`, set by `SweepMetricsCallback`.
+
+    Args:
+        pruner: the pruner that decides at every other step.
+    """
+    optuna = import_optuna()
+
+    class SpareFinalEvaluation(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            max_steps = trial.user_attrs.get(MAX_STEPS_ATTR)
+            if max_steps is not None and (trial.last_step or 0) >= max_steps:
+                return False
+            return pruner.prune(study, trial)
+
+    return SpareFinalEvaluation()
+
+
+def make_hp_space(
+    sweep_args: SweepArguments, on_trial: Callable[[Any], None]
+) -> Callable[[Any], dict[str, float]]:
+    """The `hp_space` of Trainer's hyperparameter search: it suggests the searched fields.
+
+    Args:
+        sweep_args: the search.
+        on_trial: called with the trial first; it may raise `optuna.TrialPruned` to skip it.
+
+    Returns:
+        A function of an Optuna trial returning field name -> the trial's value.
+    """
+    space = search_space(sweep_args)
+    grid = grid_points(sweep_args) if sweep_args.sampler == "grid" else None
+
+    def hp_space(trial: optuna.Trial) -> dict[str, float]:
+        on_trial(trial)
+        if grid is not None:  # GridSampler picks from its grid; the bounds only need to hold it
+            return {
+                name: trial.suggest_float(name, min(values), max(values))
+                for name, values in grid.items()
+            }
+        return {
+            name: trial.suggest_float(name, low, high, log=log)
+            for name, (low, high, log) in space.items()
+        }
+
+    return hp_space
+
+
+def reference_points_in_space(sweep_args: SweepArguments) -> list[dict[str, float]]:
+    """The `REFERENCE_POINTS` inside the alpha and beta ranges, as trial parameters, in order.
+
+    Args:
+        sweep_args: the search.
+    """
+    return [
+        {"alpha": alpha, "beta": beta}
+        for alpha, beta in REFERENCE_POINTS.values()
+        if sweep_args.alpha_range[0] <= alpha <= sweep_args.alpha_range[1]
+        and sweep_args.beta_range[0] <= beta <= sweep_args.beta_range[1]
+    ]
