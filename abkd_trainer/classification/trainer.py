@@ -58,6 +58,7 @@ from abkd_trainer.core.objective import (
     IGNORE_INDEX,
     METRIC_SUMS,
     DistillationObjective,
+    gradient_averaging_size,
     normalise_summed_loss,
 )
 
@@ -306,7 +307,16 @@ class ABKDClassifierTrainer(Trainer):
         output = self.distillation_objective.loss_from_logits(
             student_logits, teacher_logits, batch.labels, divergence_params
         )
-        loss = self._normalise(output.loss_sum, output.sums[_COUNT], num_items_in_batch)
+        loss = normalise_summed_loss(
+            output.loss_sum,
+            output.sums[_COUNT],
+            num_items_in_batch,
+            gradient_averaging_size(
+                self.args.average_tokens_across_devices,
+                self.accelerator.num_processes,
+                self.get_tp_size(),
+            ),
+        )
         # Before backward and the optimizer step: a NaN must never reach the student's weights.
         check_finite_step(
             teacher_entropy_sum=output.sums["teacher_entropy"],
@@ -335,23 +345,6 @@ class ABKDClassifierTrainer(Trainer):
             }
         logits = self.teacher_model(**teacher_inputs).logits
         return self.label_alignment.teacher_to_student(logits)
-
-    def _normalise(
-        self,
-        objective_sum: torch.Tensor,
-        num_local: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> torch.Tensor:
-        """Divide the summed objective by the examples of the (accumulated) batch."""
-        return normalise_summed_loss(
-            objective_sum, num_local, num_items_in_batch, self._data_parallel_size()
-        )
-
-    def _data_parallel_size(self) -> int:
-        # With counts across devices, DDP's gradient average is undone (as Trainer does).
-        if not self.args.average_tokens_across_devices:
-            return 1
-        return self.accelerator.num_processes // self.get_tp_size()
 
     # ------------------------------------------------------------------ logging
 

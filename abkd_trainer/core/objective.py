@@ -54,6 +54,7 @@ __all__ = [
     "HiddenStates",
     "LinearHead",
     "ObjectiveOutput",
+    "gradient_averaging_size",
     "normalise_summed_loss",
     "standardize_logits",
 ]
@@ -167,6 +168,27 @@ def normalise_summed_loss(
     if num_items_in_batch is not None and data_parallel_size != 1:
         loss = loss * data_parallel_size
     return loss
+
+
+def gradient_averaging_size(
+    average_tokens_across_devices: bool, num_processes: int, tp_size: int = 1
+) -> int:
+    """The `data_parallel_size` of `normalise_summed_loss` for a Trainer's arguments.
+
+    Args:
+        average_tokens_across_devices: the `TrainingArguments` field: whether
+            `num_items_in_batch` counts the rows of every process.
+        num_processes: the accelerator's process count.
+        tp_size: the Trainer's tensor-parallel size (`Trainer.get_tp_size()`); tensor-parallel
+            ranks share a batch, so they are not data-parallel.
+
+    Returns:
+        The data-parallel processes whose averaged gradients the loss is scaled back up by, or 1
+        when the count is per process.
+    """
+    if not average_tokens_across_devices:
+        return 1
+    return num_processes // tp_size
 
 
 class DistillationObjective:

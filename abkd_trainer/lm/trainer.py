@@ -40,6 +40,7 @@ from abkd_trainer.core.objective import (
     DistillationObjective,
     HiddenStates,
     LinearHead,
+    gradient_averaging_size,
     normalise_summed_loss,
 )
 from abkd_trainer.core.schedules import scheduled_alpha_beta
@@ -382,7 +383,16 @@ class ABKDTrainer(SFTTrainer):
                 student_outputs.logits, teacher, targets, divergence_params
             )
             loss_sum, sums = output.loss_sum, output.sums
-        loss = self._normalise(loss_sum, sums["num_supervised"], num_items_in_batch)
+        loss = normalise_summed_loss(
+            loss_sum,
+            sums["num_supervised"],
+            num_items_in_batch,
+            gradient_averaging_size(
+                self.args.average_tokens_across_devices,
+                self.accelerator.num_processes,
+                self.get_tp_size(),
+            ),
+        )
         self._record(mode, loss, sums, inputs, divergence_params)
         if student_outputs is None:
             student_outputs = {"loss": loss}  # no logits exist; Trainer reads none from this
@@ -496,23 +506,6 @@ class ABKDTrainer(SFTTrainer):
             hidden,
             LinearHead(head.weight, getattr(head, "bias", None), self._logit_transforms[role]),
         )
-
-    def _normalise(
-        self,
-        objective_sum: torch.Tensor,
-        num_local: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> torch.Tensor:
-        """Divide the summed objective by the supervised tokens of the (accumulated) batch."""
-        return normalise_summed_loss(
-            objective_sum, num_local, num_items_in_batch, self._data_parallel_size()
-        )
-
-    def _data_parallel_size(self) -> int:
-        # With counts across devices, DDP's gradient average is undone (as Trainer does).
-        if not self.args.average_tokens_across_devices:
-            return 1
-        return self.accelerator.num_processes // self.get_tp_size()
 
     # ------------------------------------------------------------------ logging
 
