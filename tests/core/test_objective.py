@@ -16,6 +16,8 @@ from abkd_trainer.core.objective import (
     DistillationObjective,
     HiddenStates,
     LinearHead,
+    gradient_averaging_size,
+    normalise_summed_loss,
     standardize_logits,
 )
 from abkd_trainer.divergences.coarsened import CachedTeacher
@@ -264,3 +266,16 @@ def test_hidden_states_route_refuses_logit_standardization():
     objective = DistillationObjective("fkl", vocab_size=20, logit_standardization=True)
     with pytest.raises(ValueError, match="loss_from_logits"):
         objective.loss_from_hidden_states(head, head, _targets(8), {})
+
+
+@pytest.mark.parametrize(
+    ("across_devices", "processes", "tp_size", "expected"),
+    [(False, 4, 1, 1), (True, 4, 1, 4), (True, 4, 2, 2), (True, 1, 1, 1)],
+)
+def test_gradient_averaging_size_counts_data_parallel_processes_only(
+    across_devices, processes, tp_size, expected
+):
+    assert gradient_averaging_size(across_devices, processes, tp_size) == expected
+    # The loss is scaled back up by it only when the count covers every process.
+    loss = normalise_summed_loss(torch.tensor(12.0), torch.tensor(3), 6, expected)
+    assert loss.item() == 12.0 / 6 * expected
