@@ -48,7 +48,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PENDING_CONVERSION: tuple[str, ...] = (
     "abkd_trainer/classification/data.py",
     "abkd_trainer/classification/report.py",
-    "abkd_trainer/lm/config.py",
 )
 
 ROLE = re.compile(

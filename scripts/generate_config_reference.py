@@ -125,11 +125,16 @@ def render_config_reference() -> str:
     lines = [
         BEGIN_MARKER,
         "",
+        "## ABKDConfig",
+        "",
         "`ABKDConfig` extends TRL's `SFTConfig` (itself `transformers.TrainingArguments`), so "
         "every SFT and Trainer argument also applies; `abkd-train --help` lists them all. The "
-        "fields ABKD adds:",
+        "fields ABKD adds, in the groups of its "
+        "[API reference][abkd_trainer.lm.config.ABKDConfig]:",
         "",
         *grouped_tables(ABKDConfig, _own_fields(ABKDConfig, SFTConfig)),
+        "",
+        "## Script arguments of abkd-train",
         "",
         "`abkd-train` also takes TRL's `ScriptArguments` (`--dataset_config`, "
         "`--dataset_train_split`, `--dataset_test_split`, ...) and `ModelConfig` "

@@ -21,7 +21,41 @@ class DivergenceArguments:
 
     A mixin for `transformers.TrainingArguments` subclasses; list it *before* the
     `TrainingArguments` base so that its fields follow the base's in `--help`, and call
-    `validate_divergence_arguments()` from `__post_init__`.
+    `validate_divergence_arguments()` from `__post_init__`. A configuration that inherits it
+    documents these fields in the same two groups, with the same entries (a subclass may change
+    a default and say so).
+
+    Parameters: Distillation objective
+        divergence: the divergence `D`, one of `abkd_trainer.DIVERGENCE_NAMES`: `"ab"` (the
+            alpha-beta divergence of ABKD), `"fkl"`, `"rkl"`, `"jsd"`, `"sfkl"`, `"srkl"` or
+            `"tvd"`.
+        alpha: alpha of the alpha-beta divergence (hardness-concentration). `(alpha, beta)` =
+            `(1, 0)` is forward KL, `(0, 1)` reverse KL; `(0.2, 0.7)` is the paper's GPT-2 recipe.
+        beta: beta of the alpha-beta divergence (confidence-concentration).
+        jsd_beta: beta of `divergence="jsd"`, in [0, 1] (TRL convention: 0 is forward KL, 1 is
+            reverse KL).
+        skew_lambda: skew coefficient of `divergence="sfkl"` and `"srkl"`, in [0, 1].
+        temperature: softmax temperature of both logit sets inside `D` (no `temperature**2`
+            factor).
+
+    Parameters: Schedule of alpha and beta
+        alpha_end: when set, alpha moves linearly from `alpha` (reached at the end of the
+            warm-up) to this value over the remaining training steps; None keeps it constant.
+            Like every field of this group, only for `divergence="ab"`.
+        beta_end: when set, beta moves linearly from `beta` to this value in the same way.
+        ab_warmup_ratio: length of the warm-up, as a fraction of the training steps: `(alpha,
+            beta)` starts at `(ab_warmup_start_alpha, ab_warmup_start_beta)` and reaches the
+            configured values in a straight line, then holds (or follows `alpha_end` /
+            `beta_end`). It keeps mode-seeking settings such as `(0.2, 0.7)` from collapsing a
+            student that does not yet overlap the teacher. None means 1.0, the whole run
+            (measured best on the demo, see [Collapse and the warm-up][collapse-and-the-warm-up]),
+            or 0 when `alpha_end` / `beta_end` are set; 0 disables it. The schedules are in
+            `abkd_trainer.core.schedules`.
+        ab_warmup_steps: the warm-up's length in steps; when > 0 it overrides `ab_warmup_ratio`.
+        ab_warmup_start_alpha: alpha at the warm-up's start (1 with beta 0 is forward KL).
+        ab_warmup_start_beta: beta at the warm-up's start.
+        ab_warmup_shape: speed along the warm-up path: `"linear"` (constant) or `"cosine"`
+            (half-cosine ease, slow at both ends).
     """
 
     alpha: float = field(

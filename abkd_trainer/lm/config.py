@@ -1,4 +1,4 @@
-"""Training arguments for :class:`abkd_trainer.ABKDTrainer`."""
+"""Training arguments for [`ABKDTrainer`][abkd_trainer.lm.trainer.ABKDTrainer]."""
 
 from __future__ import annotations
 
@@ -19,99 +19,118 @@ ON_POLICY_SCHEDULES = ("constant", "adaptive")
 
 @dataclass
 class ABKDConfig(DivergenceArguments, SFTConfig):
-    r"""Configuration for [`ABKDTrainer`]: SFT arguments plus the distillation objective.
+    r"""Configuration for [`ABKDTrainer`][abkd_trainer.lm.trainer.ABKDTrainer]: SFT arguments plus
+    the distillation objective.
 
-    The loss on the supervised tokens (``labels != -100``, next-token shifted) is
+    The loss on the supervised tokens (`labels != -100`, next-token shifted) is
 
         kd_ratio * D(teacher || student) + (1 - kd_ratio) * cross_entropy(student, labels)
 
-    where ``D`` is the divergence named by ``divergence`` (the alpha-beta divergence of ABKD,
+    where `D` is the divergence named by `divergence` (the alpha-beta divergence of ABKD,
     Wang et al., ICML 2025, by default), summed over tokens and divided by the number of
-    supervised tokens in the whole accumulated, all-rank batch. ``temperature`` divides both logit
-    sets inside ``D`` only; the loss is not multiplied by ``temperature**2``.
+    supervised tokens in the whole accumulated, all-rank batch. `temperature` divides both logit
+    sets inside `D` only; the loss is not multiplied by `temperature**2`. Every SFT and Trainer
+    argument of TRL's `SFTConfig` applies too; the fields below are the ones ABKD adds, in groups.
 
-    Parameters:
-        alpha (`float`, defaults to `0.2`): alpha of the AB-divergence (hardness-concentration).
-        beta (`float`, defaults to `0.7`): beta of the AB-divergence (confidence-concentration).
-            ``(0.2, 0.7)`` is the paper's GPT-2 recipe; ``(1, 0)`` is forward KL, ``(0, 1)``
-            reverse KL.
-        alpha_end, beta_end (`float`, *optional*): when set, alpha / beta move linearly from their
-            configured value (reached at the end of the warm-up) to this value over the remaining
-            training steps; None keeps them constant.
-        ab_warmup_ratio (`float`, *optional*), ab_warmup_steps (`int`, defaults to `0`):
-            length of the warm-up of the alpha-beta divergence, as a fraction of the training
-            steps or (when > 0, winning) a number of steps: ``(alpha, beta)`` starts at
-            ``(ab_warmup_start_alpha, ab_warmup_start_beta)`` and reaches the configured values
-            in a straight line, then holds (or follows ``alpha_end`` / ``beta_end`` over the
-            remaining steps). The default ratio, None, means 1.0 (the whole run; measured best on
-            the demo, see docs/collapse-and-warmup.md), or 0 when ``alpha_end`` / ``beta_end``
-            are set. Ratio and steps 0 disable it. Ignored for other divergences. See
-            :mod:`abkd_trainer.core.schedules`.
-        ab_warmup_start_alpha, ab_warmup_start_beta (`float`, default to `1.0`, `0.0`): the
-            warm-up's start, forward KL by default.
-        ab_warmup_shape (`str`, defaults to `"linear"`): ``"linear"`` or ``"cosine"`` speed along
-            the warm-up path.
-        temperature (`float`, defaults to `1.0`): softmax temperature of the divergence.
-        divergence (`str`, defaults to `"ab"`): one of ``abkd_trainer.DIVERGENCE_NAMES``.
-        jsd_beta (`float`, defaults to `0.5`): beta of ``divergence="jsd"`` (TRL convention: 0 is
-            forward KL, 1 reverse KL).
-        skew_lambda (`float`, defaults to `0.1`): skew of ``divergence="sfkl"`` / ``"srkl"``.
-        kd_ratio (`float`, defaults to `1.0`): weight of the divergence; ``1 - kd_ratio`` weights
-            the student's cross-entropy on the same tokens. 1.0 is pure distillation.
-        teacher_model_name_or_path (`str`, *optional*): teacher to load when the trainer is not
+    Parameters: Distillation objective
+        divergence: the divergence `D`, one of `abkd_trainer.DIVERGENCE_NAMES`: `"ab"` (the
+            alpha-beta divergence of ABKD), `"fkl"`, `"rkl"`, `"jsd"`, `"sfkl"`, `"srkl"` or
+            `"tvd"`.
+        alpha: alpha of the alpha-beta divergence (hardness-concentration). `(alpha, beta)` =
+            `(1, 0)` is forward KL, `(0, 1)` reverse KL; `(0.2, 0.7)` is the paper's GPT-2 recipe.
+        beta: beta of the alpha-beta divergence (confidence-concentration).
+        jsd_beta: beta of `divergence="jsd"`, in [0, 1] (TRL convention: 0 is forward KL, 1 is
+            reverse KL).
+        skew_lambda: skew coefficient of `divergence="sfkl"` and `"srkl"`, in [0, 1].
+        temperature: softmax temperature of both logit sets inside `D` (no `temperature**2`
+            factor).
+        kd_ratio: weight of the divergence, in [0, 1]; `1 - kd_ratio` weights the student's
+            cross-entropy on the same tokens. 1.0 is pure distillation.
+
+    Parameters: Schedule of alpha and beta
+        alpha_end: when set, alpha moves linearly from `alpha` (reached at the end of the
+            warm-up) to this value over the remaining training steps; None keeps it constant.
+            Like every field of this group, only for `divergence="ab"`.
+        beta_end: when set, beta moves linearly from `beta` to this value in the same way.
+        ab_warmup_ratio: length of the warm-up, as a fraction of the training steps: `(alpha,
+            beta)` starts at `(ab_warmup_start_alpha, ab_warmup_start_beta)` and reaches the
+            configured values in a straight line, then holds (or follows `alpha_end` /
+            `beta_end`). It keeps mode-seeking settings such as `(0.2, 0.7)` from collapsing a
+            student that does not yet overlap the teacher. None means 1.0, the whole run
+            (measured best on the demo, see [Collapse and the warm-up][collapse-and-the-warm-up]),
+            or 0 when `alpha_end` / `beta_end` are set; 0 disables it. The schedules are in
+            `abkd_trainer.core.schedules`.
+        ab_warmup_steps: the warm-up's length in steps; when > 0 it overrides `ab_warmup_ratio`.
+        ab_warmup_start_alpha: alpha at the warm-up's start (1 with beta 0 is forward KL).
+        ab_warmup_start_beta: beta at the warm-up's start.
+        ab_warmup_shape: speed along the warm-up path: `"linear"` (constant) or `"cosine"`
+            (half-cosine ease, slow at both ends).
+
+    Parameters: Teacher
+        teacher_model_name_or_path: name or path of the teacher to load when the trainer is not
             given one.
-        teacher_model_init_kwargs (`dict`, *optional*): keyword arguments of
-            ``AutoModelForCausalLM.from_pretrained`` for a teacher given by name (e.g.
-            ``{"dtype": "bfloat16"}``).
-        teacher_cache (`str`, *optional*): directory of a teacher cache written by
-            ``abkd-cache-teacher`` / ``abkd_trainer.cache_teacher`` for this dataset
-            and preprocessing. No teacher is loaded; the divergence is that of the coarsened
-            distributions (the teacher's k cached tokens plus a tail bucket, the student
+        teacher_model_init_kwargs: keyword arguments of `AutoModelForCausalLM.from_pretrained`
+            for a teacher given by name, e.g. `{"dtype": "bfloat16"}` (a JSON string on the
+            command line).
+        teacher_cache: directory of a teacher cache written by `abkd-cache-teacher` (or
+            [`cache_teacher`][abkd_trainer.lm.teacher_cache.writer.cache_teacher]) for this
+            dataset and preprocessing. No teacher is loaded; the divergence is that of the
+            coarsened distributions (the teacher's k cached tokens plus a tail bucket, the student
             coarsened onto the same buckets), equal to the full one when k covers the vocabulary.
-        loss_chunk_size (`int`, *optional*): tokens per chunk of the divergence kernel; None picks
-            one from the vocabulary size.
-        use_fused_loss (`bool`, defaults to `True`): compute the loss from both models' final
-            hidden states and LM heads, a chunk of tokens at a time, so that neither model's
-            ``(batch, seq, vocab)`` logits exist (``abkd_trainer.fused_linear_divergence``). Same
-            values, less memory and time (measured on CPU, vocab 32000, 2048 tokens per step:
-            4.5x less peak memory, 15% faster steps). Set it to False for a model whose logits
-            are not a scaled or soft-capped linear head (checked at start-up, except under
-            ZeRO-3), or to get the logits back in ``compute_loss`` outputs.
-        disable_dropout (`bool`, defaults to `True`): disable dropout in the student. The teacher
-            always runs in eval mode.
-        overwrite_output_dir (`bool`, defaults to `False`): start afresh in an ``output_dir``
-            that holds an earlier run: ``train()`` without ``resume_from_checkpoint`` deletes its
-            ``checkpoint-*`` folders instead of warning, and ``abkd-train`` accepts the folder
-            (the HF example-script flag, no longer part of ``TrainingArguments``).
+            Not with `teacher_model_name_or_path`, nor with sampled completions.
 
-    On-policy distillation (GKD, Agarwal et al. 2024; DistiLLM's adaptive schedule, Ko et al. 2024),
-    see ``abkd_trainer.lm.on_policy``: the completions of a training micro-batch are replaced by
-    ones
-    the current student samples for the same prompts, and the loss above is computed on exactly
-    the sampled tokens. Needs prompts (``prompt``/``completion`` data, or conversational data with
-    ``assistant_only_loss=True``).
+    Parameters: Loss computation
+        loss_chunk_size: tokens per chunk of the divergence kernel (bounds its fp32
+            temporaries); None picks one from the vocabulary size.
+        use_fused_loss: compute the loss from both models' final hidden states and LM heads, a
+            chunk of tokens at a time, so that neither model's `(batch, seq, vocab)` logits exist
+            ([`fused_linear_divergence`][abkd_trainer.divergences.fused_linear.fused_linear_divergence]).
+            Same values, less memory and time (measured on CPU, vocab 32000, 2048 tokens per
+            step: 4.5x less peak memory, 15% faster steps). Set it to False for a model whose
+            logits are not a scaled or soft-capped linear head (checked at start-up, except under
+            ZeRO-3), or to get the logits back in `compute_loss` outputs.
+        disable_dropout: disable dropout in the student. The teacher always runs in eval mode.
 
-        lmbda (`float`, defaults to `0.0`): probability that a micro-batch's completions are
-            sampled from the current student (TRL's GKD name). 0 with the constant schedule and no
-            ``seq_kd`` is off-policy distillation on the dataset's completions.
-        seq_kd (`bool`, defaults to `False`): micro-batches that are not student-sampled use
-            completions sampled from the teacher instead of the dataset's (sequence-level KD).
-        on_policy_schedule (`str`, defaults to `"constant"`): ``"constant"`` (probability
-            ``lmbda``) or ``"adaptive"`` (DistiLLM / the ABKD authors' code: the probability starts
-            at ``lmbda`` and rises by ``adaptive_step`` whenever the evaluation loss exceeds its
-            reference by ``adaptive_loss_eps``; sampled sequences fill a replay buffer of
-            ``replay_buffer_size`` sequences that later micro-batches reuse).
-        adaptive_step, adaptive_loss_eps, replay_buffer_size: the adaptive schedule's parameters
-            (authors' values 0.1, 0.1, 1000).
-        max_new_tokens (`int`, defaults to `128`): longest sampled completion, in tokens.
-        generation_temperature, generation_top_p, generation_top_k: sampling parameters of the
-            completions (1.0, 1.0, 0 = plain sampling from the model). ``temperature`` stays the
-            loss temperature.
-        generation_kwargs (`dict`, *optional*): further ``transformers.GenerationConfig``
-            arguments, e.g. ``{"repetition_penalty": 1.1}``; they override the fields above.
-        ds3_gather_for_generation (`bool`, defaults to `True`): under DeepSpeed ZeRO-3, gather the
-            sampling model's weights for generation (fast). False samples from the partitioned
-            model, layer by layer (slow, for models too large to gather on one device).
+    On-policy distillation (GKD, Agarwal et al. 2024; DistiLLM's adaptive schedule, Ko et al.
+    2024; `abkd_trainer.lm.on_policy`) replaces the completions of a training micro-batch by ones
+    the current student samples for the same prompts; the loss above is then computed on exactly
+    the sampled tokens. It needs prompts (`prompt`/`completion` data, or conversational data with
+    `assistant_only_loss=True`), and neither packing nor padding-free batches.
+
+    Parameters: On-policy distillation
+        lmbda: probability, in [0, 1], that a micro-batch's completions are sampled from the
+            current student (TRL's GKD name). 0 with the constant schedule and no `seq_kd` is
+            off-policy distillation on the dataset's completions.
+        seq_kd: micro-batches that are not student-sampled use completions sampled from the
+            teacher instead of the dataset's (sequence-level KD).
+        on_policy_schedule: `"constant"` (probability `lmbda`) or `"adaptive"` (DistiLLM / the
+            ABKD authors' code: the probability starts at `lmbda` and rises by `adaptive_step`
+            whenever the evaluation loss exceeds its reference by `adaptive_loss_eps`; sampled
+            sequences fill a replay buffer that later micro-batches reuse). `"adaptive"` needs an
+            `eval_dataset` and an `eval_strategy`.
+        adaptive_step: adaptive schedule: how much the sampling probability rises each time the
+            evaluation loss worsens, in (0, 1] (the probability is capped at 1).
+        adaptive_loss_eps: adaptive schedule: how far the evaluation loss must exceed its
+            reference (the first evaluation's loss, or the loss at the latest rise) to raise the
+            sampling probability.
+        replay_buffer_size: adaptive schedule: student-sampled sequences kept per process for
+            replay; micro-batches replay from it once it is full, and it restarts empty on resume.
+        max_new_tokens: longest sampled completion, in tokens.
+        generation_temperature: sampling temperature of the completions (`temperature` stays the
+            loss temperature).
+        generation_top_p: nucleus (top-p) sampling of the completions, in (0, 1].
+        generation_top_k: top-k sampling of the completions; 0 disables it.
+        generation_kwargs: further `transformers.GenerationConfig` arguments, e.g.
+            `{"repetition_penalty": 1.1}`; they override the generation fields above.
+        ds3_gather_for_generation: under DeepSpeed ZeRO-3, gather the sampling model's weights
+            for generation (fast). False samples from the partitioned model, layer by layer
+            (slow, for models too large to gather on one device).
+
+    Parameters: Output directory
+        overwrite_output_dir: start afresh in an `output_dir` that holds an earlier run:
+            `train()` without `resume_from_checkpoint` deletes its `checkpoint-*` folders instead
+            of warning, and `abkd-train` accepts the folder (the HF example-script flag, no
+            longer part of `TrainingArguments`).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + [
