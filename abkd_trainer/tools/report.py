@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abkd_trainer.core.reports import (
+    environment_info,
+    markdown_table,
+    plain_text_table,
+    settings_sections,
+)
 from abkd_trainer.divergences.registry import divergence_config_fields
 
 if TYPE_CHECKING:
@@ -114,60 +118,6 @@ def make_report(
     return report
 
 
-def environment_info(device: Any = None, *, num_processes: int = 1) -> dict[str, Any]:
-    """The software and hardware behind a result, so that a number can be traced and rerun.
-
-    Args:
-        device: the training device (`torch.device` or its name); None means CPU.
-        num_processes: processes (ranks) of the run.
-
-    Returns:
-        `abkd_trainer`, `torch`, `transformers`, `trl`, `datasets` and `python`
-        versions, `torch_num_threads` (intra-op threads of this process, which change the
-        floating-point summation order on CPU), `device` (with the GPU or CPU model),
-        `num_processes`, `cpu_count` and `platform`.
-    """
-    import datasets
-    import torch
-    import transformers
-    import trl
-
-    from abkd_trainer import __version__
-
-    device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        device_name = f"{device} ({torch.cuda.get_device_name(device)})"
-    elif device.type == "cpu":
-        device_name = f"cpu ({_cpu_model()})"
-    else:
-        device_name = str(device)
-    return {
-        "abkd_trainer": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "datasets": datasets.__version__,
-        "python": platform.python_version(),
-        "torch_num_threads": torch.get_num_threads(),
-        "device": device_name,
-        "num_processes": num_processes,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux `/proc/cpuinfo`), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -201,21 +151,12 @@ def comparison_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str
 def format_comparison_table(report: Mapping[str, Any]) -> str:
     """Plain-text table for the terminal."""
     header, rows = comparison_rows(report)
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
-
     evaluation = report.get("evaluation", {})
     title = (
         f"ROUGE-L (F x 100) of sampled responses on {evaluation.get('num_prompts', '?')} held-out "
         f"prompts, mean over seeds {evaluation.get('seeds', '?')}; divergences in nats/token"
     )
-    rule = "-" * len(line(header))
-    return "\n".join([title, rule, line(header), rule, *(line(row) for row in rows), rule])
+    return plain_text_table(title, header, rows)
 
 
 def format_markdown(report: Mapping[str, Any], *, loss_curve: str | None = LOSS_CURVE_PNG) -> str:
@@ -229,24 +170,10 @@ def format_markdown(report: Mapping[str, Any], *, loss_curve: str | None = LOSS_
         f"temperature 1, top-p 1, mean over seeds {evaluation.get('seeds')}. Divergence to "
         "teacher: mean per reference-response token under teacher forcing, in nats.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(" --- " for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *markdown_table(header, rows),
         "",
-        "## Training",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
+        *settings_sections(report),
     ]
-    for key, value in report.get("training", {}).items():
-        if value is not None:
-            lines.append(f"| {key} | {f'{value:.4g}' if isinstance(value, float) else value} |")
-    lines.append("")
-    environment = report.get("environment", {})
-    if environment:
-        lines += ["## Environment", "", "| | |", "| --- | --- |"]
-        lines += [f"| {key} | {value} |" for key, value in environment.items()]
-        lines.append("")
     if loss_curve is not None:
         lines += [f"![loss curve]({loss_curve})", ""]
     for row in MODEL_ROWS:
