@@ -39,7 +39,13 @@ TEACHER_DIVERGENCES = ("fkl", "rkl")
 
 @dataclass(frozen=True)
 class Method:
-    """A distillation setting: a label and the `abkd-train` flags that select it."""
+    """A distillation setting: a label and the `abkd-train` flags that select it.
+
+    Args:
+        label: the method's name in the table and the chart (unique within a comparison).
+        flags: `abkd-train` flags that select it, e.g. `("--divergence", "fkl")`; they override
+            the task's flags.
+    """
 
     label: str
     flags: tuple[str, ...]
@@ -71,7 +77,15 @@ DEFAULT_METHODS: tuple[Method, ...] = tuple(METHODS.values())
 
 @dataclass
 class Comparison:
-    """Per-run scores and what produced them; `summary` aggregates over training seeds."""
+    """Per-run scores and what produced them; `summary` aggregates over training seeds.
+
+    Args:
+        runs: one row per (method, training seed): `method`, `seed`, `train_seconds`, `rouge_l`,
+            `rouge_l_sampling_std` and the divergences to the teacher (`fkl_to_teacher`, ...).
+        reference_rows: the same scores for the teacher and, with `sft_steps`, the fine-tuned
+            student each method starts from.
+        settings: what produced them: the task's flags, seeds, methods and the machine.
+    """
 
     runs: list[dict[str, Any]] = field(default_factory=list)
     reference_rows: list[dict[str, Any]] = field(default_factory=list)  # teacher, SFT'd student
