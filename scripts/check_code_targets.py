@@ -37,8 +37,7 @@ MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 600
 
 # Modules (paths relative to the repository) that other work is still splitting or shortening.
-PENDING: tuple[str, ...] = (
-)
+PENDING: tuple[str, ...] = ()
 
 # Tokens that are not code: a line holding only these is blank or a comment.
 _NON_CODE_TOKENS = {
