@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult
@@ -105,41 +105,6 @@ def _format(value: object) -> str:
     return text.replace("|", "\\|")  # keep the table intact
 
 
-def rouge_l_eval_result(
-    rouge_l: float,
-    *,
-    dataset: str | None,
-    split: str | None = None,
-    seeds: Sequence[int] = (),
-    num_prompts: int | None = None,
-) -> EvalResult:
-    """A `model-index` entry for the ROUGE-L of sampled responses (`lm.evaluation`).
-
-    `dataset` is a Hub id (then also the entry's dataset type) or a local path (named by its
-    file or folder name, typed `local`).
-    """
-    from huggingface_hub import EvalResult
-
-    dataset_id = hub_id(dataset)
-    return EvalResult(
-        task_type="text-generation",
-        task_name="Instruction following (sampled responses, T=1, top-p 1)",
-        dataset_type=dataset_id or "local",
-        dataset_name=hub_id_or_name(dataset) if dataset else "held-out prompts",
-        dataset_split=split,
-        metric_type="rouge",
-        metric_name="ROUGE-L",
-        metric_value=round(float(rouge_l), 4),
-        metric_config="rougeL",
-        metric_args={
-            "seeds": list(seeds),
-            "num_prompts": num_prompts,
-            "temperature": 1.0,
-            "top_p": 1.0,
-        },  # fmt: skip
-    )
-
-
 def add_model_index(card_text: str, model_name: str, eval_results: Sequence[EvalResult]) -> str:
     """`card_text` with its metadata's `model-index` set to `eval_results`."""
     from huggingface_hub import ModelCard
@@ -148,37 +113,3 @@ def add_model_index(card_text: str, model_name: str, eval_results: Sequence[Eval
     card.data.model_name = model_name
     card.data.eval_results = list(eval_results)
     return str(card)
-
-
-def add_rouge_l_results(
-    card_text: str, callbacks: Sequence[Any], *, model_name: str, global_step: int
-) -> str:
-    """Add the ROUGE-L of the saved model, if a `RougeLCallback` measured it, as `model-index`.
-
-    The score is the callback's `student_after` (after training, with the best model when
-    `load_best_model_at_end`), else its evaluation at `global_step` (a checkpoint); with
-    neither, `card_text` is returned unchanged.
-    """
-    from abkd_trainer.lm.evaluation import RougeLCallback
-
-    for callback in callbacks:
-        if not isinstance(callback, RougeLCallback):
-            continue
-        result = callback.results.get("student_after")
-        if result is not None:
-            rouge_l, seeds, num_prompts = result.rouge_l, result.seeds, result.num_prompts
-        else:
-            scores = [p["rouge_l"] for p in callback.history if p["step"] == global_step]
-            if not scores:
-                continue
-            rouge_l, seeds = scores[-1], callback.generation_kwargs["seeds"]
-            num_prompts = len(callback.prompts)
-        entry = rouge_l_eval_result(
-            rouge_l,
-            dataset=callback.dataset_name,
-            split=callback.dataset_split,
-            seeds=seeds,
-            num_prompts=num_prompts,
-        )
-        return add_model_index(card_text, model_name, [entry])
-    return card_text

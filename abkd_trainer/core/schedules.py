@@ -31,7 +31,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from abkd_trainer.lm.config import ABKDConfig
+    from abkd_trainer.core.divergence_arguments import DivergenceArguments
 
 # The default warm-up covers the whole run. Measured on the demo (docs/collapse-and-warmup.md):
 # from random weights ratio 1.0 scored 77 where 0.5 scored 65 and 0.1 30; from a fine-tuned
@@ -56,7 +56,7 @@ def linear_schedule(start: float, end: float | None, step: int, total_steps: int
     return start + (end - start) * progress
 
 
-def effective_warmup_ratio(args: ABKDConfig) -> float:
+def effective_warmup_ratio(args: DivergenceArguments) -> float:
     """`args.ab_warmup_ratio`, or for None (the default) `DEFAULT_WARMUP_RATIO`, or 0
     when `alpha_end` / `beta_end` are set (an explicit path of their own)."""
     if args.ab_warmup_ratio is not None:
@@ -121,8 +121,10 @@ def alpha_beta_at_step(
     )
 
 
-def scheduled_alpha_beta(args: ABKDConfig, step: int, total_steps: int) -> tuple[float, float]:
-    """`(alpha, beta)` of an `ABKDConfig` at `step` of `total_steps`."""
+def scheduled_alpha_beta(
+    args: DivergenceArguments, step: int, total_steps: int
+) -> tuple[float, float]:
+    """`(alpha, beta)` of a config (an `ABKDConfig` or `ABKDClassifierConfig`) at `step`."""
     return alpha_beta_at_step(
         step,
         total_steps,

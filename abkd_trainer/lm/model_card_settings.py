@@ -5,16 +5,21 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from huggingface_hub import EvalResult
 
 from abkd_trainer.core.model_card import (
     add_distillation_section,
-    add_rouge_l_results,
+    add_model_index,
+    hub_id,
     hub_id_or_name,
 )
 from abkd_trainer.core.schedules import effective_warmup_ratio
 from abkd_trainer.divergences.registry import divergence_config_fields, divergence_spec
 from abkd_trainer.lm.config import ABKDConfig
+from abkd_trainer.lm.evaluation import RougeLCallback
 from abkd_trainer.lm.on_policy import on_policy_settings
 
 # The paper TRL's model card cites (`Trainer._paper`).
@@ -103,3 +108,70 @@ def add_distillation_card_sections(
         card_text, callbacks, model_name=model_name, global_step=global_step
     )
     card_path.write_text(card_text, "utf-8")
+
+
+def rouge_l_eval_result(
+    rouge_l: float,
+    *,
+    dataset: str | None,
+    split: str | None = None,
+    seeds: Sequence[int] = (),
+    num_prompts: int | None = None,
+) -> EvalResult:
+    """A `model-index` entry for the ROUGE-L of sampled responses (`lm.evaluation`).
+
+    `dataset` is a Hub id (then also the entry's dataset type) or a local path (named by its
+    file or folder name, typed `local`).
+    """
+    from huggingface_hub import EvalResult
+
+    dataset_id = hub_id(dataset)
+    return EvalResult(
+        task_type="text-generation",
+        task_name="Instruction following (sampled responses, T=1, top-p 1)",
+        dataset_type=dataset_id or "local",
+        dataset_name=hub_id_or_name(dataset) if dataset else "held-out prompts",
+        dataset_split=split,
+        metric_type="rouge",
+        metric_name="ROUGE-L",
+        metric_value=round(float(rouge_l), 4),
+        metric_config="rougeL",
+        metric_args={
+            "seeds": list(seeds),
+            "num_prompts": num_prompts,
+            "temperature": 1.0,
+            "top_p": 1.0,
+        },  # fmt: skip
+    )
+
+
+def add_rouge_l_results(
+    card_text: str, callbacks: Sequence[Any], *, model_name: str, global_step: int
+) -> str:
+    """Add the ROUGE-L of the saved model, if a `RougeLCallback` measured it, as `model-index`.
+
+    The score is the callback's `student_after` (after training, with the best model when
+    `load_best_model_at_end`), else its evaluation at `global_step` (a checkpoint); with
+    neither, `card_text` is returned unchanged.
+    """
+    for callback in callbacks:
+        if not isinstance(callback, RougeLCallback):
+            continue
+        result = callback.results.get("student_after")
+        if result is not None:
+            rouge_l, seeds, num_prompts = result.rouge_l, result.seeds, result.num_prompts
+        else:
+            scores = [p["rouge_l"] for p in callback.history if p["step"] == global_step]
+            if not scores:
+                continue
+            rouge_l, seeds = scores[-1], callback.generation_kwargs["seeds"]
+            num_prompts = len(callback.prompts)
+        entry = rouge_l_eval_result(
+            rouge_l,
+            dataset=callback.dataset_name,
+            split=callback.dataset_split,
+            seeds=seeds,
+            num_prompts=num_prompts,
+        )
+        return add_model_index(card_text, model_name, [entry])
+    return card_text
