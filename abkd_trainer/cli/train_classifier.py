@@ -462,7 +462,7 @@ def write_run_report(
         make_classifier_report,
         write_report,
     )
-    from abkd_trainer.tools.report import environment_info
+    from abkd_trainer.core.reports import environment_info
 
     args = trainer.args
     report = make_classifier_report(
