@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check abkd_trainer tests benchmarks examples scripts
-	$(MKDOCS) build --strict --quiet
+	$(MKDOCS) build --strict
 	$(PY) -m pytest tests -q
 
 test-fast: $(STAMP)

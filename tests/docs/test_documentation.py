@@ -222,3 +222,13 @@ def test_config_reference_splits_fields_into_the_docstrings_titled_groups():
     assert headings == ["### The objective", "### The teacher", "### Other fields"]
     flags = [line.split(" | ")[0] for line in lines if line.startswith("| `--")]
     assert flags == ["| `--beta`", "| `--alpha`", "| `--teacher`", "| `--seed`"]
+
+
+def test_make_test_builds_the_site_strictly_with_warnings_shown():
+    # `mkdocs build --strict --quiet` exits 0 with warnings: --quiet drops them before strict
+    # mode counts them, so the check would never fail.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    build = next(line for line in recipe.splitlines() if "build" in line and "MKDOCS" in line)
+    assert "--strict" in build
+    assert "--quiet" not in build and " -q" not in build
