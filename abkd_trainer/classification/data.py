@@ -109,9 +109,14 @@ def find_classification_columns(
 
     Args:
         column_names: the dataset's columns.
-        input_column, label_column: names given by the user (`--input_column`,
-            `--label_column`); None looks for the usual names (`INPUT_COLUMNS`, `LABEL_COLUMNS`).
+        input_column: the input column named by the user (`--input_column`); None looks for
+            the usual names (`INPUT_COLUMNS`).
+        label_column: the label column named by the user (`--label_column`); None looks for
+            the usual names (`LABEL_COLUMNS`).
         where: how to name the dataset in messages.
+
+    Returns:
+        The input and label columns as found, and the input's modality.
 
     Raises:
         ValueError: a named column is missing, no column (or several) could hold the inputs,
@@ -167,7 +172,15 @@ def _modality_from_name(column: str) -> str:
 
 def normalize_columns(dataset: Dataset, columns: ClassificationColumns) -> Dataset:
     """`dataset` with its input column renamed to `columns.normalized_input` and its label column
-    to `label` (other columns are kept; the trainer drops what no model or collator reads)."""
+    to `label` (other columns are kept; the trainer drops what no model or collator reads).
+
+    Args:
+        dataset: one split.
+        columns: its columns, from `find_classification_columns`.
+
+    Raises:
+        ValueError: a new name is already taken by another column.
+    """
     renames = {columns.input: columns.normalized_input, columns.label: "label"}
     renames = {old: new for old, new in renames.items() if old != new}
     clashes = [new for new in renames.values() if new in dataset.column_names]
@@ -181,7 +194,12 @@ def normalize_columns(dataset: Dataset, columns: ClassificationColumns) -> Datas
 
 
 def dataset_class_names(dataset: Dataset, label_column: str = "label") -> tuple[str, ...] | None:
-    """The `ClassLabel` names of the label column, in id order, or None for bare ids."""
+    """The `ClassLabel` names of the label column, in id order, or None for bare ids.
+
+    Args:
+        dataset: one split.
+        label_column: the column of class ids.
+    """
     from datasets import ClassLabel
 
     feature = dataset.features.get(label_column)
@@ -196,6 +214,10 @@ def encode_string_labels(
     The class order is `preferred_names` (the teacher's) when they cover every name found, else
     the sorted names of all splits together, so that every split numbers the classes alike.
     Splits with integer or `ClassLabel` labels are returned unchanged.
+
+    Args:
+        splits: the splits by name, each with a `label` column.
+        preferred_names: the teacher's class names in id order, or None.
 
     Raises:
         ValueError: labels that are neither class ids nor class names (floats, lists: regression
@@ -242,6 +264,11 @@ def align_dataset_labels(
     A dataset numbering the same classes in another order is remapped; one in the same order, or
     without class names, is returned unchanged.
 
+    Args:
+        dataset: one split with a `label` column.
+        model_names: the student's class names in id order.
+        where: how to name the dataset in messages.
+
     Raises:
         ValueError: the dataset names a class the model lacks (or the other way round).
     """
@@ -272,6 +299,11 @@ def align_dataset_labels(
 
 def check_label_range(dataset: Dataset, num_labels: int, *, where: str = "The dataset") -> None:
     """Raise unless every label is a class id in `[0, num_labels)` (or `-100`, not counted).
+
+    Args:
+        dataset: one split with a `label` column.
+        num_labels: the models' number of classes.
+        where: how to name the dataset in messages.
 
     Raises:
         ValueError: naming the first label out of range, the number of classes and the fix.
@@ -310,11 +342,14 @@ def prepare_classification_splits(
 
     Args:
         datasets: the loaded splits.
-        train_split, test_split: their names (`--dataset_train_split`, `--dataset_test_split`).
+        train_split: the name of the training split (`--dataset_train_split`).
+        test_split: the name of the held-out split (`--dataset_test_split`).
         test_size: when the dataset has no `test_split`, hold out this fraction (or, when > 1,
             this number) of the training rows, stratified by class; None keeps all rows for
             training and gives no test split.
-        input_column, label_column: see `find_classification_columns`.
+        input_column: the input column, or None to find it (see
+            `find_classification_columns`).
+        label_column: the label column, or None to find it.
         preferred_class_names: the teacher's class names, used to number string labels.
         seed: seeds the held-out split.
         source: where the data came from (a file or Hub id), named in messages.
@@ -391,6 +426,10 @@ def same_preprocessing(first: Any, second: Any) -> bool:
 
     Tokenizers are compared by class and vocabulary, image processors and feature extractors by
     their settings (`to_dict()`, without the fields that only name the class).
+
+    Args:
+        first: a tokenizer, image processor or feature extractor.
+        second: another one.
     """
     if type(first) is not type(second):
         return False

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from abkd_trainer.core.reports import markdown_table, plain_text_table, settings_sections
 from abkd_trainer.divergences.registry import divergence_config_fields
 
 __all__ = [
@@ -53,8 +54,13 @@ def model_rows(before: Mapping[str, float], after: Mapping[str, float]) -> dict[
     """The teacher / student_before / student_after rows from two `evaluate()` results.
 
     Args:
-        before, after: the metrics `ABKDClassifierTrainer.evaluate()` returned before and after
-            training (`eval_accuracy`, `eval_teacher_accuracy`, ...).
+        before: the metrics `ABKDClassifierTrainer.evaluate()` returned before training
+            (`eval_accuracy`, `eval_teacher_accuracy`, ...).
+        after: the same after training.
+
+    Returns:
+        `teacher` (its accuracy, when evaluated), `student_before` and `student_after` (the
+        metrics of `STUDENT_METRICS` that were logged).
     """
     rows: dict[str, dict] = {}
     teacher_accuracy = after.get("eval_teacher_accuracy", before.get("eval_teacher_accuracy"))
@@ -84,13 +90,20 @@ def make_classifier_report(
     """Assemble the report dictionary (see the module docstring for its layout).
 
     Args:
-        before, after: `evaluate()` results on the held-out split before and after training.
+        before: the `evaluate()` results on the held-out split before training.
+        after: the same after training.
         training_args: the run's `ABKDClassifierConfig` (its objective settings are copied).
-        teacher, student, dataset: how to name them in the report.
-        test_split, num_test_examples: the held-out split and its size.
+        teacher: how to name the teacher in the report.
+        student: how to name the student.
+        dataset: how to name the dataset.
+        test_split: the held-out split's name.
+        num_test_examples: its number of examples.
         log_history: `trainer.state.log_history`, for the final training loss and step count.
         wall_time_s: training wall time in seconds.
         environment: versions and hardware (e.g. `abkd_trainer.tools.report.environment_info`).
+
+    Returns:
+        The report, ready for `write_report`.
     """
     report: dict[str, Any] = model_rows(before, after)
     report["evaluation"] = {
@@ -146,27 +159,27 @@ def _table(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def format_accuracy_table(report: Mapping[str, Any]) -> str:
-    """Plain-text table for the terminal."""
+    """The accuracy table as plain text for the terminal.
+
+    Args:
+        report: from `make_classifier_report`.
+    """
     header, rows = _table(report)
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
-
     evaluation = report.get("evaluation", {})
     title = (
         f"Top-1 accuracy on {evaluation.get('num_examples', '?')} held-out examples "
         f"(split {evaluation.get('split', '?')!r})"
     )
-    rule = "-" * len(line(header))
-    return "\n".join([title, rule, line(header), rule, *(line(row) for row in rows), rule])
+    return plain_text_table(title, header, rows)
 
 
 def format_markdown(report: Mapping[str, Any], *, plot: str | None = ACCURACY_PLOT_PNG) -> str:
-    """`report.md`: the accuracy table, the settings, the environment and the plot."""
+    """`report.md`: the accuracy table, the settings, the environment and the plot.
+
+    Args:
+        report: from `make_classifier_report`.
+        plot: the plot's file name, linked from the page; None links none.
+    """
     header, rows = _table(report)
     evaluation = report.get("evaluation", {})
     lines = [
@@ -177,24 +190,10 @@ def format_markdown(report: Mapping[str, Any], *, plot: str | None = ACCURACY_PL
         "top-1 equal to the teacher's; kd_loss: the training divergence to the teacher and "
         "ce_loss: cross-entropy with the labels, means per example.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(" --- " for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *markdown_table(header, rows),
         "",
-        "## Training",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
+        *settings_sections(report),
     ]
-    for key, value in report.get("training", {}).items():
-        if value is not None:
-            lines.append(f"| {key} | {f'{value:.4g}' if isinstance(value, float) else value} |")
-    lines.append("")
-    environment = report.get("environment", {})
-    if environment:
-        lines += ["## Environment", "", "| | |", "| --- | --- |"]
-        lines += [f"| {key} | {value} |" for key, value in environment.items()]
-        lines.append("")
     if plot is not None:
         lines += [f"![accuracy]({plot})", ""]
     return "\n".join(lines)
@@ -205,6 +204,11 @@ def plot_accuracy(
 ) -> bool:
     """Save the teacher / before / after accuracies (bars) and the held-out accuracy against the
     step (from `eval_accuracy` in `log_history`, and `student_before` at step 0) as a PNG.
+
+    Args:
+        report: from `make_classifier_report`.
+        log_history: `trainer.state.log_history`.
+        path: the PNG to write.
 
     Returns:
         False (and writes nothing) when the report has no accuracy to plot.
@@ -257,6 +261,11 @@ def write_report(
     report: Mapping[str, Any], log_history: Sequence[Mapping[str, Any]], output_dir: str | Path
 ) -> list[Path]:
     """Write `report.json`, `report.md` and (when there is an accuracy) `accuracy.png`.
+
+    Args:
+        report: from `make_classifier_report`.
+        log_history: `trainer.state.log_history`, for the accuracy curve.
+        output_dir: the folder to write them in (created when missing).
 
     Returns:
         The paths written.
