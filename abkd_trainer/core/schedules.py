@@ -28,10 +28,23 @@ schedule from its checkpoint's `global_step`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from abkd_trainer.core.divergence_arguments import DivergenceArguments
+
+class AlphaBetaSettings(Protocol):
+    """The fields of a config that schedule `(alpha, beta)`: those of `DivergenceArguments`,
+    shared by `ABKDConfig` and `ABKDClassifierConfig`."""
+
+    alpha: float
+    beta: float
+    alpha_end: float | None
+    beta_end: float | None
+    ab_warmup_ratio: float | None
+    ab_warmup_steps: int
+    ab_warmup_start_alpha: float
+    ab_warmup_start_beta: float
+    ab_warmup_shape: str
+
 
 # The default warm-up covers the whole run. Measured on the demo (docs/collapse-and-warmup.md):
 # from random weights ratio 1.0 scored 77 where 0.5 scored 65 and 0.1 30; from a fine-tuned
@@ -56,7 +69,7 @@ def linear_schedule(start: float, end: float | None, step: int, total_steps: int
     return start + (end - start) * progress
 
 
-def effective_warmup_ratio(args: DivergenceArguments) -> float:
+def effective_warmup_ratio(args: AlphaBetaSettings) -> float:
     """`args.ab_warmup_ratio`, or for None (the default) `DEFAULT_WARMUP_RATIO`, or 0
     when `alpha_end` / `beta_end` are set (an explicit path of their own)."""
     if args.ab_warmup_ratio is not None:
@@ -122,7 +135,7 @@ def alpha_beta_at_step(
 
 
 def scheduled_alpha_beta(
-    args: DivergenceArguments, step: int, total_steps: int
+    args: AlphaBetaSettings, step: int, total_steps: int
 ) -> tuple[float, float]:
     """`(alpha, beta)` of a config (an `ABKDConfig` or `ABKDClassifierConfig`) at `step`."""
     return alpha_beta_at_step(

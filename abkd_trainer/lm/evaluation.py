@@ -27,6 +27,7 @@ from transformers import GenerationConfig, TrainerCallback, set_seed
 
 # encode_prompt_completion lived here before teacher_forcing.py; the old import path still works.
 from abkd_trainer.lm.teacher_forcing import (  # noqa: F401
+    Prompt,
     encode_prompt_completion,
     teacher_forcing_batch,
 )
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-# A prompt is plain text or a list of chat messages ({"role": ..., "content": ...}).
-Prompt = str | list[dict[str, Any]]
 # Several references per prompt are scored by their best match (as in S-NI / MiniLLM).
 Reference = str | Sequence[str]
 # divergence(student_logits, teacher_logits, *, mask, reduction) -> fp32 tensor

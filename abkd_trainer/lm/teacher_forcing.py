@@ -8,14 +8,15 @@ the reference response is predicted.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from abkd_trainer.lm.evaluation import Prompt
+# A prompt: plain text, or a conversation (a list of `{"role": ..., "content": ...}` messages).
+Prompt = str | list[dict[str, Any]]
 
 
 def encode_prompt_completion(

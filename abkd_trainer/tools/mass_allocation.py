@@ -56,7 +56,7 @@ from abkd_trainer.lm.teacher_forcing import teacher_forcing_batch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from abkd_trainer.lm.evaluation import Prompt
+    from abkd_trainer.lm.teacher_forcing import Prompt
 
 __all__ = [
     "DEFAULT_PROBABILITY_BIN_EDGES",
