@@ -13,36 +13,48 @@ and dataset the demo is swept. Outputs in `--output_dir`: `trials.csv`, `heatmap
 objective over the (alpha, beta) plane) and `best.yaml`, which `abkd-train --config best.yaml`
 runs as is.
 
-Scale-out: with `--storage URL` (an Optuna RDB URL: `sqlite:///sweep.db` for the workers of one
-machine, `postgresql://...` or `mysql://...` for many) every `abkd-sweep` started with the same
+Scale-out: with `--storage` (an SQLAlchemy URL: `sqlite:///sweep.db` for the workers of one
+machine, `postgresql+psycopg2://...` or `mysql+pymysql://...` for many; or a journal file on a
+shared file system, `journal:///shared/sweep.log`) every `abkd-sweep` started with the same
 `--storage` and `--study_name` joins one study; together they run `--n_trials` trials. Each
 worker writes the outputs of the whole study when it stops.
 
-**How this uses `Trainer.hyperparameter_search`.** The trials run through transformers' Optuna
-integration (`run_hp_search_optuna`): the trainer is built once with its teacher, a `model_init`
-rebuilds the student for every trial, `hp_space` suggests the parameters, which the Trainer
-writes into `args`, and the Trainer reports every evaluation to the trial and raises
-`TrialPruned` when the pruner says so. Storage, study name, sampler and pruner go to
-`optuna.create_study` through the `**kwargs` of `hyperparameter_search`. Three things are glue
-around it, each because the integration has no hook for it:
+Preemption: a running trial records heartbeats in the storage; one whose worker died (SIGKILL,
+a preempted machine) is found by the next worker that looks, marked failed and re-run with the
+same parameters in the same folder, from its last complete checkpoint when it saved one (see
+`storage` and `study`). Failed trials never use the budget, so the study ends with `n_trials`
+finished trials.
 
-- the trial budget shared by several workers: `study.optimize` gets no callbacks (so no
-  `MaxTrialsCallback`), so each worker calls `hyperparameter_search(n_trials=1)` until the study
-  holds `n_trials` trials; a trial that another worker's trial pushed over the budget in the
-  moment between that check and its creation is pruned at once and marked `over_budget` (left
-  out of every output), so no trial runs beyond the budget;
+**How this uses transformers' hyperparameter search.** A trial runs as
+`Trainer.hyperparameter_search` runs one with Optuna: the trainer is built once with its teacher,
+a `model_init` rebuilds the student for every trial, `hp_space` suggests the parameters, which
+the Trainer writes into `args`, and the Trainer reports every evaluation to the trial and raises
+`TrialPruned` when the pruner says so. The glue around it, each because the integration has no
+hook for it:
+
+- the sweep calls `Study.optimize` itself (one trial at a time) instead of
+  `hyperparameter_search`, because a re-run must be trained with `resume_from_checkpoint`,
+  which `hyperparameter_search` never passes;
+- the trial budget shared by several workers: each worker runs one trial at a time until the
+  study holds `n_trials` finished or running trials; a trial that another worker's trial pushed
+  over the budget in the moment between that check and its creation is pruned at once and marked
+  `over_budget` (left out of every output), so no trial runs beyond the budget;
 - the study is created here first (so that its first worker, alone, enqueues the reference
-  points: forward KL, reverse KL and the paper's settings) and read back for the outputs, since
-  `hyperparameter_search` returns only the best run;
+  points: forward KL, reverse KL and the paper's settings) and read back for the outputs;
 - `SweepMetricsCallback` adds `eval_reference_kl` to the metrics of every evaluation
   (`on_evaluate` receives the dict that the Trainer then reports; `RougeLCallback` adds
   `eval_rouge_l` the same way).
 
-The modules, by concern: `search_space` (the arguments, search space, samplers, pruners and
-`hp_space`), `metrics` (the objective and the reference KL), `trials` (the budget: which trials
-count, claiming one), `study` (storage, study, workers: `run_trainer_sweep` for any Trainer with
-a `model_init`), `lm` (`run_sweep` for `ABKDTrainer`), `outputs` (`trials.csv`, heat map,
-`best.yaml`) and `command` (the parser and `main`).
+The modules, by concern:
+
+- `search_space`: the arguments, search space, samplers, pruners and `hp_space`;
+- `metrics`: the objective and the reference KL;
+- `trials`: the budget (which trials count, claiming one) and what became of each trial;
+- `storage`: the storages, a journal's heartbeats, failing and re-queueing dead trials;
+- `study`: the study and its workers, `run_trainer_sweep` for any Trainer with a `model_init`;
+- `lm`: `run_sweep` for `ABKDTrainer`;
+- `outputs`: `trials.csv`, the heat map, `best.yaml`;
+- `command`: the parser and `main`.
 """
 
 from abkd_trainer.tools.sweep.command import (
@@ -79,13 +91,9 @@ from abkd_trainer.tools.sweep.search_space import (
     make_sampler,
     spare_final_evaluation,
 )
-from abkd_trainer.tools.sweep.study import (
-    SweepResult,
-    create_or_load_study,
-    open_storage,
-    run_trainer_sweep,
-)
-from abkd_trainer.tools.sweep.trials import claim_trial, counted_trials
+from abkd_trainer.tools.sweep.storage import SweepStorage, open_storage, storage_kind
+from abkd_trainer.tools.sweep.study import SweepResult, create_or_load_study, run_trainer_sweep
+from abkd_trainer.tools.sweep.trials import claim_trial, counted_trials, trial_reason
 
 __all__ = [
     "DESCRIPTION",
@@ -97,6 +105,7 @@ __all__ = [
     "SweepArguments",
     "SweepMetricsCallback",
     "SweepResult",
+    "SweepStorage",
     "TrialMetricsCallback",
     "choose_objective",
     "claim_trial",
@@ -117,6 +126,8 @@ __all__ = [
     "run_sweep",
     "run_trainer_sweep",
     "spare_final_evaluation",
+    "storage_kind",
+    "trial_reason",
     "trial_rows",
     "write_best_yaml",
     "write_sweep_outputs",

@@ -17,7 +17,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from abkd_trainer.tools.sweep.lm import run_sweep
-from abkd_trainer.tools.sweep.outputs import trial_rows
+from abkd_trainer.tools.sweep.outputs import trial_rows, unfinished_lines
 from abkd_trainer.tools.sweep.search_space import SweepArguments, import_optuna
 from abkd_trainer.tools.sweep.study import SweepResult
 
@@ -228,16 +228,21 @@ def lm_student_and_tokenizer(
 
 
 def print_summary(result: SweepResult, seconds: float) -> None:
-    """Print the study's size, this worker's time, the best trial and the files written.
+    """Print the study's size, this worker's time, the trials that did not finish and why, the
+    best trial and the files written.
 
     Args:
         result: what the sweep found.
         seconds: this worker's wall time.
     """
+    rows = trial_rows(result.study, result.metric, result.direction)
+    finished = sum(row["state"] in ("COMPLETE", "PRUNED") for row in rows)
     print(
-        f"\nabkd-sweep: {len(trial_rows(result.study, result.metric, result.direction))} "
-        f"trials in the study, this worker's run took {seconds / 60:.1f} min."
+        f"\nabkd-sweep: {len(rows)} trials in the study ({finished} finished), this worker's run "
+        f"took {seconds / 60:.1f} min."
     )
+    for line in unfinished_lines(rows):
+        print(f"  {line}")
     if result.best_params is not None:
         print(
             f"Best: {result.best_params} with {result.metric} = {result.best_value:.4g} "
@@ -246,11 +251,13 @@ def print_summary(result: SweepResult, seconds: float) -> None:
     print("Wrote " + ", ".join(str(path) for path in result.files))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) -> int:
     """Console entry point of `abkd-sweep` and `python -m abkd_trainer.tools.sweep`.
 
     Args:
         argv: the command line without the program name; None reads `sys.argv`.
+        callbacks: more `TrainerCallback`s for the trainer of every trial (to embed the
+            command in a script).
 
     Returns:
         The exit status, 0.
@@ -283,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size": script_args.rouge_l_batch_size,
         },
         best_config=explicit_train_arguments(argv, demo),
+        callbacks=callbacks,
     )
     print_summary(result, time.perf_counter() - start)
     return 0

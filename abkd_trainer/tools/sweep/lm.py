@@ -13,7 +13,7 @@ from abkd_trainer.tools.sweep.study import SweepResult, check_single_process, ru
 if TYPE_CHECKING:
     import optuna
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
     from abkd_trainer.lm.config import ABKDConfig
 
@@ -72,6 +72,7 @@ def run_sweep(
     best_config: dict[str, Any] | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> SweepResult:
     """Search (alpha, beta) and friends; write `trials.csv`, `heatmap.png`, `best.yaml`.
 
@@ -97,6 +98,7 @@ def run_sweep(
             is this mapping with the best trial's parameters.
         sampler: an Optuna sampler replacing the one `sweep_args` describes.
         pruner: an Optuna pruner replacing the one `sweep_args` describes.
+        callbacks: more `TrainerCallback`s for the trainer of every trial.
 
     Returns:
         The study, the objective and the files written.
@@ -117,6 +119,8 @@ def run_sweep(
         processing_class=processing_class,
     )
     trainer.model_init = model_init  # read by Trainer.train(trial=...) to rebuild the student
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     if rouge_prompts:
         trainer.add_callback(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from abkd_trainer.tools.sweep.search_space import MAX_STEPS_ATTR, SweepArguments
+from abkd_trainer.tools.sweep.trials import START_STEP_ATTR
 
 if TYPE_CHECKING:
     from abkd_trainer.lm.trainer import ABKDTrainer
@@ -112,11 +113,12 @@ def reference_kl(trainer: ABKDTrainer) -> float:
 
 
 class TrialMetricsCallback(TrainerCallback):
-    """Records a trial's number of training steps and every evaluation's metrics on the trial.
+    """Records a trial's steps and every evaluation's metrics on the trial.
 
     The number of steps is the trial's user attribute `max_steps` (for
-    `spare_final_evaluation`); every numeric metric of an evaluation is stored as a user attribute
-    of that name, for `trials.csv`. Any Trainer's sweep uses it.
+    `spare_final_evaluation`), the optimizer step its training starts at `start_step` (above 0
+    for a re-run resumed from a checkpoint); every numeric metric of an evaluation is stored as a
+    user attribute of that name, for `trials.csv`. Any Trainer's sweep uses it.
 
     Args:
         current_trial: returns the running Optuna trial (or None).
@@ -126,10 +128,12 @@ class TrialMetricsCallback(TrainerCallback):
         self.current_trial = current_trial
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Record the trial's `max_steps` (the step of its final evaluation)."""
+        """Record the trial's `max_steps` (the step of its final evaluation) and start step."""
         trial = self.current_trial()
         if trial is not None:  # for spare_final_evaluation
             trial.set_user_attr(MAX_STEPS_ATTR, state.max_steps)
+            # Trainer has loaded a resumed checkpoint's state before on_train_begin.
+            trial.set_user_attr(START_STEP_ATTR, state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Store the evaluation's numeric metrics on the trial."""

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from abkd_trainer.tools.sweep.metrics import REFERENCE_KL_METRIC, ROUGE_L_METRIC
 from abkd_trainer.tools.sweep.search_space import REFERENCE_POINTS, SweepArguments
-from abkd_trainer.tools.sweep.trials import OVER_BUDGET_ATTR, WORKER_ATTR, best_trial
+from abkd_trainer.tools.sweep.trials import (
+    OVER_BUDGET_ATTR,
+    RESUMED_FROM_ATTR,
+    START_STEP_ATTR,
+    WORKER_ATTR,
+    best_trial,
+    re_runs,
+    retry_history,
+    trial_reason,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -29,39 +38,83 @@ def trial_rows(study: optuna.Study, metric: str, direction: str) -> list[dict[st
 
     Returns:
         The rows of `trials.csv`, in trial order: number, parameters, value, state, seconds,
-        metric, direction, the last reported step and value, ROUGE-L, reference KL, whether the
-        trial is a reference point, and its worker.
+        metric, direction, the last reported step and value, the metrics a trial recorded
+        (`eval_rouge_l`, `eval_reference_kl`, the objective), whether the trial is a reference
+        point, its worker; then what became of it: `reason` (empty for a complete trial; pruned,
+        failed with its error, or its worker died), `retry_of` (the dead trial a re-run
+        replaces), `re_run_as` (the trial that re-runs a dead one), `resumed_from` (the
+        checkpoint a re-run resumed from) and `start_step` (the step its training started at).
     """
-    rows = []
+    trials = [
+        trial
+        for trial in study.get_trials(deepcopy=False)
+        if not trial.user_attrs.get(OVER_BUDGET_ATTR) and trial.state.name != "WAITING"
+    ]
     param_names = sorted({name for trial in study.trials for name in trial.params})
-    for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get(OVER_BUDGET_ATTR) or trial.state.name == "WAITING":
-            continue
-        seconds = None
-        if trial.datetime_start is not None and trial.datetime_complete is not None:
-            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        last_step, last_value = None, None
-        if trial.intermediate_values:
-            last_step = max(trial.intermediate_values)
-            last_value = trial.intermediate_values[last_step]
-        rows.append(
-            {
-                "number": trial.number,
-                **{name: trial.params.get(name) for name in param_names},
-                "value": trial.value,
-                "state": trial.state.name,
-                "seconds": None if seconds is None else round(seconds, 2),
-                "metric": metric,
-                "direction": direction,
-                "last_reported_step": last_step,
-                "last_reported_value": last_value,
-                ROUGE_L_METRIC: trial.user_attrs.get(ROUGE_L_METRIC),
-                REFERENCE_KL_METRIC: trial.user_attrs.get(REFERENCE_KL_METRIC),
-                "reference_point": bool(trial.user_attrs.get("reference_point", False)),
-                "worker": trial.user_attrs.get(WORKER_ATTR),
-            }
-        )
-    return rows
+    recorded = {name for trial in trials for name in trial.user_attrs}
+    metric_names = [
+        name
+        for name in dict.fromkeys((ROUGE_L_METRIC, REFERENCE_KL_METRIC, metric))
+        if name in recorded or name in (ROUGE_L_METRIC, REFERENCE_KL_METRIC)
+    ]
+    replaced_by = re_runs(study)
+    return [
+        {
+            "number": trial.number,
+            **{name: trial.params.get(name) for name in param_names},
+            "value": trial.value,
+            "state": trial.state.name,
+            "seconds": trial_seconds(trial),
+            "metric": metric,
+            "direction": direction,
+            **last_report(trial),
+            **{name: trial.user_attrs.get(name) for name in metric_names},
+            "reference_point": bool(trial.user_attrs.get("reference_point", False)),
+            "worker": trial.user_attrs.get(WORKER_ATTR),
+            "reason": trial_reason(trial, replaced_by.get(trial.number)),
+            "retry_of": (retry_history(trial) or [None])[-1],
+            "re_run_as": replaced_by.get(trial.number),
+            "resumed_from": trial.user_attrs.get(RESUMED_FROM_ATTR),
+            "start_step": trial.user_attrs.get(START_STEP_ATTR),
+        }
+        for trial in trials
+    ]
+
+
+def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's wall time in seconds (2 decimals), or None while it has not finished.
+
+    Args:
+        trial: a trial.
+    """
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 2)
+
+
+def last_report(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """`last_reported_step` and `last_reported_value`: the trial's last intermediate value.
+
+    Args:
+        trial: a trial.
+    """
+    if not trial.intermediate_values:
+        return {"last_reported_step": None, "last_reported_value": None}
+    step = max(trial.intermediate_values)
+    return {"last_reported_step": step, "last_reported_value": trial.intermediate_values[step]}
+
+
+def unfinished_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per trial that neither completed nor was pruned: its number, state and reason.
+
+    Args:
+        rows: the rows of `trial_rows`.
+    """
+    return [
+        f"trial {row['number']} ({row['state']}): {row['reason']}"
+        for row in rows
+        if row["state"] not in ("COMPLETE", "PRUNED")
+    ]
 
 
 def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -123,6 +176,35 @@ def _draw_completed_trials(
     )
 
 
+def _draw_unfinished_trials(axis: Any, rows: list[dict[str, Any]]) -> None:
+    """Failed trials as red crosses, running ones as orange dots, labelled with their numbers."""
+    styles = {
+        "FAIL": {"marker": "X", "color": "red", "label": "failed (see trials.csv: reason)"},
+        "RUNNING": {"marker": "o", "color": "orange", "label": "running when written"},
+    }
+    for state, style in styles.items():
+        marked = [row for row in rows if row["state"] == state]
+        if not marked:
+            continue
+        axis.scatter(
+            [row["alpha"] for row in marked],
+            [row["beta"] for row in marked],
+            s=70,
+            zorder=5,
+            edgecolors="black",
+            **style,
+        )
+        for row in marked:
+            axis.annotate(
+                f"#{row['number']}",
+                (row["alpha"], row["beta"]),
+                textcoords="offset points",
+                xytext=(-14, 6),
+                fontsize=7,
+                color=style["color"],
+            )
+
+
 def draw_heatmap(
     rows: list[dict[str, Any]], metric: str, direction: str, path: Path, title: str = ""
 ) -> Path:
@@ -130,7 +212,8 @@ def draw_heatmap(
 
     Completed trials are coloured by their final value and, with three or more not on one line,
     interpolated linearly over their triangulation; pruned trials are grey crosses with their
-    last reported value and its step (not comparable with final values).
+    last reported value and its step (not comparable with final values); failed trials are red
+    crosses and running ones orange dots, each with its number (`trials.csv` says why).
 
     Args:
         rows: the rows of `trial_rows`.
@@ -147,11 +230,13 @@ def draw_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    complete = [row for row in rows if row["state"] == "COMPLETE" and row["value"] is not None]
-    pruned = [row for row in rows if row["state"] == "PRUNED"]
+    placed = [row for row in rows if row.get("alpha") is not None and row.get("beta") is not None]
+    complete = [row for row in placed if row["state"] == "COMPLETE" and row["value"] is not None]
+    pruned = [row for row in placed if row["state"] == "PRUNED"]
     figure, axis = plt.subplots(figsize=(10, 6))
     if complete:
         _draw_completed_trials(figure, axis, complete, metric, direction)
+    _draw_unfinished_trials(axis, placed)
     if pruned:
         axis.scatter(
             [row["alpha"] for row in pruned],
@@ -184,8 +269,8 @@ def draw_heatmap(
             zorder=4,
             label=f"{name} ({alpha:g}, {beta:g})",
         )
-    every_alpha = [row["alpha"] for row in rows] + [a for a, _ in REFERENCE_POINTS.values()]
-    every_beta = [row["beta"] for row in rows] + [b for _, b in REFERENCE_POINTS.values()]
+    every_alpha = [row["alpha"] for row in placed] + [a for a, _ in REFERENCE_POINTS.values()]
+    every_beta = [row["beta"] for row in placed] + [b for _, b in REFERENCE_POINTS.values()]
     axis.set_xlim(min(every_alpha) - 0.05, max(every_alpha) + 0.05)
     axis.set_ylim(min(every_beta) - 0.05, max(every_beta) + 0.05)
     axis.set_xlabel("alpha (hardness-concentration)")
@@ -205,6 +290,8 @@ def write_best_yaml(
     metric: str,
     direction: str,
     path: Path,
+    unfinished: list[str] | None = None,
+    command: str = "abkd-train",
 ) -> Path:
     """`base_config` with the best trial's parameters, as an `abkd-train --config` file.
 
@@ -214,6 +301,8 @@ def write_best_yaml(
         metric: the objective's name, for the header comment.
         direction: the objective's direction, for the header comment.
         path: the YAML file to write.
+        unfinished: lines naming the trials that did not finish and why, for the header.
+        command: the training command that runs the file, for the header.
 
     Returns:
         `path`.
@@ -223,9 +312,12 @@ def write_best_yaml(
     config = {**base_config, **best.params}
     header = (
         f"# abkd-sweep best trial {best.number}: {metric} = {best.value:.6g} ({direction}).\n"
-        "# Run it with: abkd-train --config best.yaml (the trial's training length is kept;\n"
+        f"# Run it with: {command} --config best.yaml (the trial's training length is kept;\n"
         "# raise max_steps / num_train_epochs for the full run).\n"
     )
+    if unfinished:
+        header += "# Trials that did not finish (trials.csv has every trial):\n"
+        header += "".join(f"#   {line}\n" for line in unfinished)
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -237,6 +329,7 @@ def write_sweep_outputs(
     direction: str,
     output_dir: str | os.PathLike,
     best_config: dict[str, Any] | None,
+    command: str = "abkd-train",
 ) -> list[Path]:
     """Write `trials.csv`, `heatmap.png` and (once a trial completed) `best.yaml`.
 
@@ -248,6 +341,7 @@ def write_sweep_outputs(
         output_dir: the folder to write into (created if missing).
         best_config: the settings the sweep ran with (flag -> value), the base of `best.yaml`;
             its run goes to `<output_dir>/best-run`.
+        command: the training command that runs `best.yaml`.
 
     Returns:
         The files written.
@@ -261,5 +355,10 @@ def write_sweep_outputs(
     if best is not None:
         # Not the sweep's own directory: the run would mix its files with the sweep's.
         base = {**(best_config or {}), "output_dir": str(output_dir / "best-run")}
-        files.append(write_best_yaml(best, base, metric, direction, output_dir / "best.yaml"))
+        path = output_dir / "best.yaml"
+        files.append(
+            write_best_yaml(
+                best, base, metric, direction, path, unfinished_lines(rows), command=command
+            )
+        )
     return files

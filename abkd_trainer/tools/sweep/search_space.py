@@ -41,9 +41,11 @@ class SweepArguments:
     storage: str | None = field(
         default=None,
         metadata={
-            "help": "Optuna RDB storage URL (e.g. sqlite:///sweep.db, postgresql://host/db). "
-            "Workers started with the same --storage and --study_name share one study. None: "
-            "in memory, one worker."
+            "help": "Where the study lives: an SQLAlchemy URL (sqlite:///sweep.db for one "
+            "machine, postgresql+psycopg2://user:pass@host/db or mysql+pymysql://... for "
+            "several) or a journal file on a shared file system (journal:///shared/sweep.log, "
+            "or any path ending in .log). Workers started with the same --storage and "
+            "--study_name share one study. None: in memory, one worker."
         },
     )
     study_name: str = field(default="abkd-sweep", metadata={"help": "Name of the Optuna study."})
@@ -104,6 +106,29 @@ class SweepArguments:
         metadata={"help": "MedianPruner: training steps of a trial before it may be pruned."},
     )
     no_pruning: bool = field(default=False, metadata={"help": "Run every trial to the end."})
+    heartbeat_interval: int = field(
+        default=60,
+        metadata={
+            "help": "Seconds between the heartbeats a running trial records in --storage; a "
+            "trial without one for --grace_period seconds is taken for dead (its worker killed "
+            "or preempted), marked failed and re-run."
+        },
+    )
+    grace_period: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds without a heartbeat after which a running trial is dead. None: "
+            "twice --heartbeat_interval. Longer than the worst stall of your storage (a busy "
+            "database, an NFS server), or live trials are re-run."
+        },
+    )
+    max_retries: int = field(
+        default=3,
+        metadata={
+            "help": "How often the parameters of a trial whose worker died are re-run; past "
+            "that the trial stays failed and a new trial takes its place."
+        },
+    )
     heldout_fraction: float = field(
         default=0.05,
         metadata={
@@ -131,6 +156,16 @@ class SweepArguments:
                 raise ValueError(f"`{name}` must be positive, got {bounds}.")
         if self.sampler == "grid" and (not self.grid_alpha or not self.grid_beta):
             raise ValueError("`grid_alpha` and `grid_beta` need at least one value each.")
+        if self.heartbeat_interval < 1 or (self.grace_period is not None and self.grace_period < 1):
+            raise ValueError(
+                "`heartbeat_interval` and `grace_period` are whole seconds >= 1, got "
+                f"{self.heartbeat_interval} and {self.grace_period}."
+            )
+        if self.max_retries < 0:
+            raise ValueError(f"`max_retries` must be >= 0, got {self.max_retries}.")
+        from abkd_trainer.tools.sweep.storage import storage_kind  # (it imports this module)
+
+        storage_kind(self.storage)  # an unknown form is refused here, before any training
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"`heldout_fraction` must be in (0, 1), got {self.heldout_fraction}.")
 
