@@ -48,6 +48,9 @@ __all__ = [
 # What the training arguments need (``accelerator_config=...``) to reuse the state created by
 # `init_cpu_distributed_state` instead of building a new, non-distributed one.
 CONFIGURED_STATE_ACCELERATOR_CONFIG: dict[str, Any] = {"use_configured_state": True}
+"""`accelerator_config` of the training arguments after
+[`init_cpu_distributed_state`][abkd_trainer.core.distributed.init_cpu_distributed_state] returned
+True: transformers then reuses that state instead of building a single-process one."""
 
 # Top-level keys that only make sense with an optimizer; an inference engine gets none.
 # DeepSpeed would otherwise build an optimizer (e.g. CPUAdam from `optimizer` + `offload_optimizer`)
@@ -122,6 +125,9 @@ def build_teacher_deepspeed_config(
         `stage3_param_persistence_threshold` = 10 * hidden, `stage3_prefetch_bucket_size`
         = 0.9 * hidden^2 and `reduce_bucket_size` = hidden^2 wherever the user left them "auto"
         or unset (explicit values win). Any other stage becomes `{"stage": 0}`: replicated.
+
+    Raises:
+        ValueError: `world_size < 1`, or `zero_optimization.stage` is `"auto"`.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}.")
@@ -203,6 +209,10 @@ def prepare_deepspeed_teacher(teacher_model: nn.Module, accelerator: Accelerator
         The DeepSpeed engine in eval mode, every parameter with `requires_grad=False`. Call it
         like the model (`engine(input_ids=..., attention_mask=...)`); the model is
         `engine.module`.
+
+    Raises:
+        ValueError: DeepSpeed is not enabled on `accelerator`, or its config's ZeRO stage is
+            `"auto"`.
     """
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is None:

@@ -32,8 +32,25 @@ from typing import Protocol
 
 
 class AlphaBetaSettings(Protocol):
-    """The fields of a config that schedule `(alpha, beta)`: those of `DivergenceArguments`,
-    shared by `ABKDConfig` and `ABKDClassifierConfig`."""
+    """The fields of a config that schedule `(alpha, beta)`: those of `DivergenceArguments`.
+
+    Both [`ABKDConfig`][abkd_trainer.lm.config.ABKDConfig] and
+    [`ABKDClassifierConfig`][abkd_trainer.classification.config.ABKDClassifierConfig] have them;
+    any object with these attributes (a namespace in a test) works too.
+
+    Attributes:
+        alpha: The configured alpha, reached at the end of the warm-up.
+        beta: The configured beta, reached at the end of the warm-up.
+        alpha_end: Alpha at the last step of a linear end schedule; None holds `alpha`.
+        beta_end: Beta at the last step of a linear end schedule; None holds `beta`.
+        ab_warmup_ratio: Fraction of the optimizer steps the warm-up takes; None: the default
+            (see [`effective_warmup_ratio`][abkd_trainer.core.schedules.effective_warmup_ratio]).
+        ab_warmup_steps: Warm-up length in optimizer steps; overrides the ratio when > 0.
+        ab_warmup_start_alpha: Alpha at step 0 of the warm-up (1.0: forward KL with beta 0).
+        ab_warmup_start_beta: Beta at step 0 of the warm-up.
+        ab_warmup_shape: Speed along the warm-up path, a key of `WARMUP_SHAPES` (`"linear"` or
+            `"cosine"`).
+    """
 
     alpha: float
     beta: float
@@ -60,8 +77,14 @@ WARMUP_SHAPES: dict[str, str] = {
 def linear_schedule(start: float, end: float | None, step: int, total_steps: int) -> float:
     """A hyper-parameter moving linearly from `start` (step 0) to `end` (step `total_steps`).
 
-    `end=None` means constant. Steps outside `[0, total_steps]` are clamped;
-    `total_steps <= 0` gives `start`.
+    Args:
+        start: The value at step 0.
+        end: The value at step `total_steps` and after; None holds `start` (a constant).
+        step: The optimizer step (0-based); steps outside `[0, total_steps]` are clamped.
+        total_steps: The number of steps the move takes; `<= 0` gives `start`.
+
+    Returns:
+        The value at `step`.
     """
     if end is None or total_steps <= 0:
         return start
@@ -70,8 +93,16 @@ def linear_schedule(start: float, end: float | None, step: int, total_steps: int
 
 
 def effective_warmup_ratio(args: AlphaBetaSettings) -> float:
-    """`args.ab_warmup_ratio`, or for None (the default) `DEFAULT_WARMUP_RATIO`, or 0
-    when `alpha_end` / `beta_end` are set (an explicit path of their own)."""
+    """The warm-up ratio a config asks for, its None default resolved.
+
+    Args:
+        args: A config with the scheduling fields (see
+            [`AlphaBetaSettings`][abkd_trainer.core.schedules.AlphaBetaSettings]).
+
+    Returns:
+        `args.ab_warmup_ratio` when set; for None (the default) `DEFAULT_WARMUP_RATIO` (1.0, the
+        whole run), or 0.0 when `alpha_end` / `beta_end` are set (an explicit path of their own).
+    """
     if args.ab_warmup_ratio is not None:
         return args.ab_warmup_ratio
     if args.alpha_end is not None or args.beta_end is not None:
@@ -82,7 +113,14 @@ def effective_warmup_ratio(args: AlphaBetaSettings) -> float:
 def resolve_warmup_steps(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:
     """Number of warm-up steps, with TrainingArguments' convention: `warmup_steps` wins when > 0.
 
-    Otherwise `ceil(warmup_ratio * total_steps)`. Never more than `total_steps`.
+    Args:
+        total_steps: The run's optimizer steps (`max_steps`); negative counts as 0.
+        warmup_steps: Warm-up length in steps; used when > 0.
+        warmup_ratio: Fraction of `total_steps`, used when `warmup_steps` is 0:
+            `ceil(warmup_ratio * total_steps)` steps.
+
+    Returns:
+        The warm-up length in optimizer steps, never more than `total_steps` (nor below 0).
     """
     steps = warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * max(total_steps, 0))
     return min(steps, max(total_steps, 0))
@@ -113,9 +151,26 @@ def alpha_beta_at_step(
 
     Steps `0 .. warmup_steps - 1` move from `warmup_start` towards `(alpha, beta)`, reached
     at step `warmup_steps`; then `(alpha, beta)` moves linearly to `(alpha_end, beta_end)`
-    (each None: held) over the remaining steps, reached at `total_steps`. With
-    `total_steps <= 0` (no training planned, e.g. `evaluate()` alone) the configured
-    `(alpha, beta)` is returned.
+    over the remaining steps, reached at `total_steps`.
+
+    Args:
+        step: The optimizer step, 0-based (the trainer's `global_step`).
+        total_steps: The run's optimizer steps. With `total_steps <= 0` (no training planned,
+            e.g. `evaluate()` alone) the configured `(alpha, beta)` is returned.
+        alpha: The alpha reached at the end of the warm-up.
+        beta: The beta reached at the end of the warm-up.
+        alpha_end: Alpha at `total_steps`; None holds `alpha` after the warm-up.
+        beta_end: Beta at `total_steps`; None holds `beta` after the warm-up.
+        warmup_steps: Warm-up length in steps, clamped to `[0, total_steps]`; 0 disables it.
+        warmup_start: `(alpha, beta)` at step 0 of the warm-up; `(1.0, 0.0)` is forward KL.
+        warmup_shape: Speed along the warm-up path: `"linear"` or `"cosine"` (a key of
+            `WARMUP_SHAPES`).
+
+    Returns:
+        The `(alpha, beta)` pair at `step`.
+
+    Raises:
+        ValueError: `warmup_shape` is not a key of `WARMUP_SHAPES` (raised at a warm-up step).
     """
     if total_steps <= 0:
         return alpha, beta
@@ -137,7 +192,23 @@ def alpha_beta_at_step(
 def scheduled_alpha_beta(
     args: AlphaBetaSettings, step: int, total_steps: int
 ) -> tuple[float, float]:
-    """`(alpha, beta)` of a config (an `ABKDConfig` or `ABKDClassifierConfig`) at `step`."""
+    """`(alpha, beta)` of a config at an optimizer step, warm-up and end schedule applied.
+
+    Args:
+        args: An [`ABKDConfig`][abkd_trainer.lm.config.ABKDConfig],
+            [`ABKDClassifierConfig`][abkd_trainer.classification.config.ABKDClassifierConfig] or
+            any object with the fields of
+            [`AlphaBetaSettings`][abkd_trainer.core.schedules.AlphaBetaSettings].
+        step: The optimizer step, 0-based.
+        total_steps: The run's optimizer steps (`max_steps`).
+
+    Returns:
+        The `(alpha, beta)` pair at `step`, as
+        [`alpha_beta_at_step`][abkd_trainer.core.schedules.alpha_beta_at_step] computes it.
+
+    Raises:
+        ValueError: `args.ab_warmup_shape` is not a key of `WARMUP_SHAPES` (at a warm-up step).
+    """
     return alpha_beta_at_step(
         step,
         total_steps,

@@ -292,22 +292,36 @@ def coarsened_divergence(
     """A registry divergence between a cached teacher and the student, both coarsened.
 
     Args:
-        student_logits: `(..., V)` the student's logits over the tokenizer's vocabulary (slice
-            padded head rows off first), any float dtype; receives the gradient.
-        teacher: the cached teacher, one row per counted position in row-major order.
-        divergence: a registry name (`"ab"`, `"fkl"`, ...) or a `PointwiseDivergence`.
-        divergence_params: parameters of a divergence given by name, e.g. `{"alpha": 0.2,
-            "beta": 0.7}`.
-        temperature: divides both sides' bucket log-probabilities (see the module docstring).
+        student_logits: `(..., V)` the student's logits over the tokenizer's vocabulary, e.g.
+            `(batch, seq, V)` (slice padded head rows off first), any float dtype; receives the
+            gradient.
+        teacher: The cached teacher (a `CachedTeacher`: `(n, k)` top-k ids and log-probabilities,
+            `(n,)` tail log-mass), one row per counted position in row-major order.
+        divergence: A name from
+            [`DIVERGENCE_NAMES`][abkd_trainer.divergences.registry.DIVERGENCE_NAMES] (`"ab"`,
+            `"fkl"`, ...) or a parametrised `PointwiseDivergence` object.
+        divergence_params: Parameters of a divergence given by name, e.g. `{"alpha": 0.2,
+            "beta": 0.7}` for `"ab"`.
+        temperature: Divides both sides' bucket log-probabilities (see the module docstring).
         mask: `(...)` bool, True at the positions the cache rows belong to; None: all positions.
-        reduction: `"none"` (per position, 0 where masked out), `"sum"` or `"mean"` over
-            counted positions.
-        chunk_size: counted rows per chunk (bounds the fp32 `(chunk, V)` temporaries); None
-            picks `default_chunk_size(V, device)`.
+        reduction: `"none"` (per position, shape `(...)`, 0 where masked out), `"sum"`, or
+            `"mean"` over the counted positions.
+        chunk_size: Counted rows per chunk (bounds the fp32 `(chunk, V)` temporaries); None picks
+            one from the vocabulary size and the device.
 
     Returns:
-        fp32 values in nats (float64 for float64 logits). With `k = V` they equal the
-        full-vocabulary divergence of the registry function on the teacher's logits.
+        The coarsened divergence in nats, fp32 (float64 for float64 logits): shape `(...)` for
+        `"none"`, else a scalar. With `k = V` it equals the full-vocabulary divergence of the
+        registry function on the teacher's logits; for `k < V` it is a lower bound of it for
+        every f-divergence.
+
+    Raises:
+        TypeError: `student_logits` is not floating point, the cached ids are not integers, or
+            `divergence` is neither a name nor a pointwise divergence.
+        ValueError: The cache's shapes disagree, its ids or `k` do not fit the vocabulary, it has
+            not exactly one row per counted position, `mask` does not have the positions' shape,
+            `temperature`, `reduction` or `chunk_size` is out of range, or the divergence name or
+            its parameters are invalid.
     """
     pointwise = resolve_divergence(divergence, divergence_params)
     if not student_logits.is_floating_point() or student_logits.dim() < 1:
@@ -490,24 +504,56 @@ def fused_linear_coarsened_divergence(
     ce_weight: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor | FusedLinearDistillationOutput:
-    """`coarsened_divergence` from the student's hidden states and LM head.
+    """[`coarsened_divergence`][abkd_trainer.divergences.coarsened.coarsened_divergence] from the
+    student's hidden states and LM head.
 
     The values and gradients of `coarsened_divergence` on the materialised logits
     `transform(hidden @ weight.T + bias)[..., :vocab_size]`, computed a tile of rows at a time
-    as in `fused_linear_divergence` (whose arguments these are, minus the
-    teacher's head). Each tile's full-vocabulary row gives the student's normaliser, its `k`
-    cached columns and its tail's log-sum-exp; no `(N, V)` tensor exists.
+    as in [`fused_linear_divergence`][abkd_trainer.divergences.fused_linear.fused_linear_divergence]
+    (whose arguments these are, the teacher's head replaced by its cache). Each tile's
+    full-vocabulary row gives the student's normaliser, its `k` cached columns and its tail's
+    log-sum-exp; no `(N, V)` tensor exists.
 
     Args:
-        student_hidden: `(..., H)` final hidden states; `student_weight` `(V_s, H)`.
-        teacher: one cached row per counted position (`mask`, else `labels != -100`, else
-            every position), in row-major order.
-        labels: `(...)` next-token targets; when given, returns a
-            `FusedLinearDistillationOutput` with the
-            cross-entropy and the top-1 agreement with the teacher's first cached id.
+        student_hidden: `(..., H)` the student's final hidden states, e.g. `(batch, seq, H)`, any
+            float dtype; receives the gradient.
+        student_weight: `(V_s, H)` the student's `lm_head.weight`; receives the gradient.
+        teacher: The cached teacher (a `CachedTeacher`), one row per counted position (`mask`,
+            else `labels != -100`, else every position), in row-major order.
+        divergence: A registry name (`"ab"`, `"fkl"`, ...) or a parametrised
+            `PointwiseDivergence` object.
+        divergence_params: Parameters of a divergence given by name, e.g. `{"alpha": 0.2,
+            "beta": 0.7}`.
+        temperature: Divides both sides' bucket log-probabilities; the cross-entropy uses 1.
+        mask: `(...)` bool, True at the positions that count; only those rows are projected.
+        reduction: `"none"` (per position, 0 where not counted), `"sum"` or `"mean"`.
+        student_bias: `(V_s,)` the student's head bias, if its head has one.
+        student_logit_scale: Multiplies the student's raw logits (`config.logit_scale`).
+        student_logit_softcap: Soft cap `c` of `c * tanh(logits / c)`, after the scale; None: off.
+        vocab_size: The tokenizer's vocabulary size, at most `V_s` (padded head rows from it on
+            are ignored); None: `V_s`.
+        labels: `(...)` int64 next-token targets (-100 where unsupervised); when given, returns a
+            `FusedLinearDistillationOutput` with the cross-entropy and the top-1 agreement with
+            the teacher's first cached id.
+        divergence_weight: The output's `loss` is `divergence_weight * divergence + ce_weight *
+            cross_entropy` (with `labels` only).
+        ce_weight: The weight of the cross-entropy in that loss.
+        chunk_size: Tokens per projection tile (fp32 `(chunk_size, V)` buffers); None: chosen
+            from the vocabulary size and the device.
 
     Returns:
-        The divergence (a tensor, shape `(...)` for `reduction="none"`), or the output tuple.
+        Without `labels`: the coarsened divergence in nats (shape `(...)` for `"none"`, else a
+        scalar). With `labels`: the `FusedLinearDistillationOutput` named tuple, whose `loss`
+        alone carries a gradient.
+
+    Raises:
+        TypeError: The hidden states or head are not floating point, `labels` or the cached ids
+            are not integers, or `divergence` is neither a name nor a pointwise divergence.
+        ValueError: The head does not fit the hidden states, `vocab_size` is not in
+            `[1, V_s]`, the cache does not fit (shapes, ids, one row per counted position),
+            `mask` / `labels` do not have the positions' shape or a counted label is outside
+            `[0, vocab_size)`, loss weights are set without `labels`, or an option or the
+            divergence's parameters are out of range.
     """
     pointwise = resolve_divergence(divergence, divergence_params)
     validate_head("student", student_hidden, student_weight, student_bias)

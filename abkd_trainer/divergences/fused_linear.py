@@ -190,47 +190,67 @@ def fused_linear_divergence(
     without building either `(N, V)` logits tensor. Gradients reach the student's hidden states,
     head weight and bias; the teacher is a constant target.
 
-    Args:
-        student_hidden: `(..., H_s)` final hidden states of the student (any float dtype).
-        student_weight: `(V_s, H_s)` the student's `lm_head.weight`.
-        teacher_hidden: `(..., H_t)` the teacher's, at the same positions; `H_t` may differ.
-        teacher_weight: `(V_t, H_t)` the teacher's `lm_head.weight`.
-        divergence: a name from `DIVERGENCE_NAMES` (`"ab"`, `"fkl"`, `"jsd"`, ...) or a
-            `PointwiseDivergence`.
-        divergence_params: parameters of a divergence given by name, e.g. `{"alpha": 0.2,
-            "beta": 0.7}` for `"ab"`.
-        temperature: divides both transformed logit sets before the softmax; the result is not
-            multiplied by `T**2`. The cross-entropy always uses temperature 1.
-        mask: `(...)` bool, True at the positions that count; only those rows are projected.
-            Defaults to `labels != -100` when `labels` are given, else to every position.
-        reduction: `"none"` (per position, 0 where masked out), `"sum"` or `"mean"` over
-            counted positions (0.0 with a connected graph when there are none).
-        student_bias: `(V_s,)` the student's head bias, if its head has one.
-        teacher_bias: `(V_t,)` the teacher's head bias, if its head has one.
-        student_logit_scale: multiplies the student's raw logits (`config.logit_scale`).
-        teacher_logit_scale: multiplies the teacher's raw logits.
-        student_logit_softcap: `c * tanh(logits / c)` after the scale
-            (`config.final_logit_softcapping`); None disables it.
-        teacher_logit_softcap: the same for the teacher.
-        vocab_size: the tokenizer's vocabulary; head rows from it on (padding) are ignored. Required
-            when the heads have different row counts.
-        labels: `(...)` int64 next-token targets. When given, the function returns a
-            `FusedLinearDistillationOutput` with the cross-entropy, top-1 agreement, token
-            accuracy and both entropies, computed in the same pass; counted positions must hold a
-            target in `[0, vocab_size)`.
-        divergence_weight: the output's `loss` is `divergence_weight * divergence + ce_weight *
-            cross_entropy` (`labels` only; e.g. `kd_ratio`).
-        ce_weight: the weight of the cross-entropy in that loss (e.g. `1 - kd_ratio`).
-        chunk_size: tokens per projection tile (two fp32 `(chunk_size, V)` buffers); None picks
-            `default_fused_chunk_size(V, device)`.
-
-    Returns:
-        Without `labels`: the fp32 divergence in nats (shape `(...)` for `reduction="none"`,
-        else a scalar). With `labels`: a `FusedLinearDistillationOutput`.
-
     Scalar reductions build the gradients during the forward pass and keep them until backward
     (one fp32 copy of the student's head weight); `"none"` recomputes in backward instead, which
     then needs the head weights still materialised (under DeepSpeed ZeRO-3: gathered again).
+
+    Args:
+        student_hidden: `(..., H_s)` final hidden states of the student (after its last norm),
+            e.g. `(batch, seq, H_s)`, any float dtype; receives the gradient.
+        student_weight: `(V_s, H_s)` the student's `lm_head.weight`; receives the gradient.
+        teacher_hidden: `(..., H_t)` the teacher's final hidden states at the same positions; `H_t`
+            may differ from `H_s`. A constant target (detached).
+        teacher_weight: `(V_t, H_t)` the teacher's `lm_head.weight` (detached).
+        divergence: A name from
+            [`DIVERGENCE_NAMES`][abkd_trainer.divergences.registry.DIVERGENCE_NAMES] (`"ab"`,
+            `"fkl"`, `"jsd"`, ...) or a parametrised `PointwiseDivergence` object (e.g.
+            `ABDivergence(0.2, 0.7)`).
+        divergence_params: Parameters of a divergence given by name, e.g. `{"alpha": 0.2,
+            "beta": 0.7}` for `"ab"`; not allowed with a divergence object.
+        temperature: Divides both transformed logit sets before the softmax; the result is not
+            multiplied by `T**2`. The cross-entropy always uses temperature 1.
+        mask: `(...)` bool, True at the positions that count; only those rows are projected.
+            Defaults to `labels != -100` when `labels` are given, else to every position.
+        reduction: `"none"` (per position, shape `(...)`, 0 where not counted), `"sum"`, or
+            `"mean"` over the counted positions (0.0 with a connected graph when there are none).
+        student_bias: `(V_s,)` the student's head bias, if its head has one.
+        teacher_bias: `(V_t,)` the teacher's head bias, if its head has one.
+        student_logit_scale: Multiplies the student's raw logits (`config.logit_scale`).
+        teacher_logit_scale: Multiplies the teacher's raw logits.
+        student_logit_softcap: Soft cap `c`: the student's logits become `c * tanh(logits / c)`
+            after the scale (`config.final_logit_softcapping`); None disables it.
+        teacher_logit_softcap: The same for the teacher.
+        vocab_size: The tokenizer's vocabulary size; head rows from it on (padding) are ignored.
+            Required when the heads have different row counts.
+        labels: `(...)` int64 next-token targets (-100 where unsupervised). When given, the
+            function returns a `FusedLinearDistillationOutput` with the cross-entropy, top-1
+            agreement, token accuracy and both entropies, computed in the same pass; counted
+            positions must hold a target in `[0, vocab_size)`.
+        divergence_weight: The output's `loss` is `divergence_weight * divergence + ce_weight *
+            cross_entropy` (with `labels` only; e.g. `kd_ratio`).
+        ce_weight: The weight of the cross-entropy in that loss (e.g. `1 - kd_ratio`).
+        chunk_size: Tokens per projection tile (two fp32 `(chunk_size, V)` buffers); None picks
+            one from the vocabulary size and the device.
+
+    Returns:
+        Without `labels`: the divergence in nats, fp32 (float64 for float64 inputs), shape `(...)`
+        for `reduction="none"`, else a scalar. With `labels`: a `FusedLinearDistillationOutput`
+        named tuple (`loss`, `divergence`, `cross_entropy`, `teacher_agreement`, `num_tokens`,
+        `student_entropy`, `teacher_entropy`, `token_accuracy`), each reduced by `reduction`; only
+        `loss` carries a gradient.
+
+    Raises:
+        TypeError: Hidden states or a head weight are not floating point, `labels` are not integer
+            token ids, a logit scale is not a number, or `divergence` is neither a name nor a
+            pointwise divergence.
+        ValueError: A head does not fit its hidden states (width, 2-D weight, bias shape), the
+            student's and the teacher's hidden states cover different positions, `mask` or
+            `labels` do not have the positions' shape, a counted label is outside
+            `[0, vocab_size)`, the heads' row counts differ without `vocab_size` (or it exceeds
+            one), `divergence_weight` / `ce_weight` are set without `labels`, or an option is out
+            of range (`temperature`, `reduction`, `chunk_size`, a logit scale or soft cap); or
+            `divergence` is an unknown name, `divergence_params` do not fit it, or parameters
+            come with a divergence object.
     """
     pointwise = resolve_divergence(divergence, divergence_params)
     validate_head("student", student_hidden, student_weight, student_bias)
@@ -287,10 +307,63 @@ def fused_linear_ab_divergence(
 ) -> torch.Tensor | FusedLinearDistillationOutput:
     """Alpha-beta divergence D_AB^(alpha, beta)(p_teacher || q_student) from hidden states.
 
-    The values of `ab_divergence` on the materialised logits,
-    exact and continuous in `(alpha, beta)`; `(1, 0)` is forward KL, `(0, 1)` reverse KL.
-    Shapes: hidden states `(..., H_s)` / `(..., H_t)`, heads `(V_s, H_s)` / `(V_t, H_t)`.
-    See `fused_linear_divergence` for the other arguments and the return value.
+    The values of [`ab_divergence`][abkd_trainer.divergences.functional.ab_divergence] on the
+    materialised logits, exact and continuous in `(alpha, beta)`; `(1, 0)` is forward KL,
+    `(0, 1)` reverse KL. It is
+    [`fused_linear_divergence`][abkd_trainer.divergences.fused_linear.fused_linear_divergence]
+    with `divergence=ABDivergence(alpha, beta)`.
+
+    Args:
+        student_hidden: `(..., H_s)` final hidden states of the student (after its last norm),
+            e.g. `(batch, seq, H_s)`, any float dtype; receives the gradient.
+        student_weight: `(V_s, H_s)` the student's `lm_head.weight`; receives the gradient.
+        teacher_hidden: `(..., H_t)` the teacher's final hidden states at the same positions; `H_t`
+            may differ from `H_s`. A constant target (detached).
+        teacher_weight: `(V_t, H_t)` the teacher's `lm_head.weight` (detached).
+        alpha: Hardness-concentration parameter, any finite number.
+        beta: Confidence-concentration parameter, any finite number.
+        temperature: Divides both transformed logit sets before the softmax; the result is not
+            multiplied by `T**2`. The cross-entropy always uses temperature 1.
+        mask: `(...)` bool, True at the positions that count; only those rows are projected.
+            Defaults to `labels != -100` when `labels` are given, else to every position.
+        reduction: `"none"` (per position, shape `(...)`, 0 where not counted), `"sum"`, or
+            `"mean"` over the counted positions (0.0 with a connected graph when there are none).
+        student_bias: `(V_s,)` the student's head bias, if its head has one.
+        teacher_bias: `(V_t,)` the teacher's head bias, if its head has one.
+        student_logit_scale: Multiplies the student's raw logits (`config.logit_scale`).
+        teacher_logit_scale: Multiplies the teacher's raw logits.
+        student_logit_softcap: Soft cap `c`: the student's logits become `c * tanh(logits / c)`
+            after the scale (`config.final_logit_softcapping`); None disables it.
+        teacher_logit_softcap: The same for the teacher.
+        vocab_size: The tokenizer's vocabulary size; head rows from it on (padding) are ignored.
+            Required when the heads have different row counts.
+        labels: `(...)` int64 next-token targets (-100 where unsupervised). When given, the
+            function returns a `FusedLinearDistillationOutput` with the cross-entropy, top-1
+            agreement, token accuracy and both entropies, computed in the same pass; counted
+            positions must hold a target in `[0, vocab_size)`.
+        divergence_weight: The output's `loss` is `divergence_weight * divergence + ce_weight *
+            cross_entropy` (with `labels` only; e.g. `kd_ratio`).
+        ce_weight: The weight of the cross-entropy in that loss (e.g. `1 - kd_ratio`).
+        chunk_size: Tokens per projection tile (two fp32 `(chunk_size, V)` buffers); None picks
+            one from the vocabulary size and the device.
+
+    Returns:
+        Without `labels`: the divergence in nats, fp32 (float64 for float64 inputs), shape `(...)`
+        for `reduction="none"`, else a scalar. With `labels`: a `FusedLinearDistillationOutput`
+        named tuple (`loss`, `divergence`, `cross_entropy`, `teacher_agreement`, `num_tokens`,
+        `student_entropy`, `teacher_entropy`, `token_accuracy`), each reduced by `reduction`; only
+        `loss` carries a gradient.
+
+    Raises:
+        TypeError: Hidden states or a head weight are not floating point, `labels` are not integer
+            token ids, or a logit scale is not a number.
+        ValueError: A head does not fit its hidden states (width, 2-D weight, bias shape), the
+            student's and the teacher's hidden states cover different positions, `mask` or
+            `labels` do not have the positions' shape, a counted label is outside
+            `[0, vocab_size)`, the heads' row counts differ without `vocab_size` (or it exceeds
+            one), `divergence_weight` / `ce_weight` are set without `labels`, or an option is out
+            of range (`temperature`, `reduction`, `chunk_size`, a logit scale or soft cap); or
+            `alpha` or `beta` is not finite.
     """
     return fused_linear_divergence(
         student_hidden,

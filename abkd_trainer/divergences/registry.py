@@ -108,6 +108,9 @@ _SPECS = (
 
 DIVERGENCES: Mapping[str, DivergenceSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
 DIVERGENCE_NAMES: tuple[str, ...] = tuple(DIVERGENCES)
+"""The registered short names, in registration order: `"ab"` (alpha-beta, ABKD), `"fkl"`
+(forward KL), `"rkl"` (reverse KL), `"jsd"` (generalised JSD), `"sfkl"` / `"srkl"` (skew forward
+/ reverse KL) and `"tvd"` (total variation distance)."""
 
 
 def divergence_spec(name: str) -> DivergenceSpec:
@@ -125,7 +128,20 @@ def divergence_spec(name: str) -> DivergenceSpec:
 
 
 def get_divergence(name: str) -> Callable[..., torch.Tensor]:
-    """Look a divergence function on logits up by its short name (one of `DIVERGENCE_NAMES`)."""
+    """Look a divergence function on logits up by its short name.
+
+    Args:
+        name: One of [`DIVERGENCE_NAMES`][abkd_trainer.divergences.registry.DIVERGENCE_NAMES]:
+            `"ab"`, `"fkl"`, `"rkl"`, `"jsd"`, `"sfkl"`, `"srkl"` or `"tvd"`.
+
+    Returns:
+        The function, e.g. [`ab_divergence`][abkd_trainer.divergences.functional.ab_divergence]
+        for `"ab"`; each takes `(student_logits, teacher_logits, <its parameters>, *,
+        temperature, mask, reduction, chunk_size)` and returns nats.
+
+    Raises:
+        ValueError: `name` is not a registered divergence.
+    """
     return divergence_spec(name).function
 
 

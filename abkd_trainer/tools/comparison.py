@@ -93,7 +93,14 @@ class Comparison:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Comparison:
-        """Read a `comparison.json` written by `write` (a file or its directory)."""
+        """Read a `comparison.json` written by `write`.
+
+        Args:
+            path: The `comparison.json` file, or the directory holding it.
+
+        Returns:
+            The comparison, with its runs, reference rows and settings (the summary is recomputed).
+        """
         path = Path(path)
         data = json.loads((path / "comparison.json" if path.is_dir() else path).read_text())
         return cls(data["runs"], data["reference_rows"], data["settings"])
@@ -104,6 +111,15 @@ class Comparison:
 
         The teacher is kept once, a fine-tuned student once per seed; the settings are the first
         part's, with the methods, training seeds, commands and wall times of all parts.
+
+        Args:
+            parts: The comparisons to merge, e.g. read with `load`.
+
+        Returns:
+            A new comparison holding every part's runs.
+
+        Raises:
+            ValueError: `parts` is empty.
         """
         if not parts:
             raise ValueError("Nothing to merge.")
@@ -129,7 +145,13 @@ class Comparison:
         return merged
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per method (in run order): mean, std, min, max over training seeds."""
+        """One row per method (in run order): mean, std, min, max over training seeds.
+
+        Returns:
+            Dicts with `method`, `num_seeds` and, for each score present (`rouge_l`,
+            `fkl_to_teacher`, `rkl_to_teacher`), its mean and `_std`, `_min`, `_max` (std 0.0 for a
+            single seed). ROUGE-L is in points (0-100), the divergences in nats per response token.
+        """
         by_method: dict[str, list[dict[str, Any]]] = {}
         for run in self.reference_rows + self.runs:
             by_method.setdefault(run["method"], []).append(run)
@@ -146,7 +168,11 @@ class Comparison:
         return rows
 
     def to_markdown(self) -> str:
-        """The summary as a Markdown table (std, min and max blank for a single run)."""
+        """The summary as a Markdown table (std, min and max blank for a single run).
+
+        Returns:
+            The table, one line per method, ending in a newline.
+        """
         lines = [
             "| method | runs | ROUGE-L (mean over training seeds) | std | min | max | "
             "forward KL to teacher | reverse KL to teacher |",
@@ -166,7 +192,15 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def write(self, output_dir: str | os.PathLike) -> list[Path]:
-        """Write `comparison.json`, `.md` and `.png` into `output_dir`."""
+        """Write `comparison.json`, `comparison.md` and `comparison.png` into `output_dir`.
+
+        Args:
+            output_dir: The directory; created if missing, files in it overwritten.
+
+        Returns:
+            The three paths written: the JSON (settings, summary, runs), the Markdown table with the
+            settings, and the bar chart.
+        """
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         json_path = output_dir / "comparison.json"
@@ -348,7 +382,12 @@ def compare_divergences(
             progress and write partial results).
 
     Returns:
-        The `Comparison`; call `Comparison.write` to save the table and the chart.
+        The [`Comparison`][abkd_trainer.tools.comparison.Comparison]; call its
+        [`write`][abkd_trainer.tools.comparison.Comparison.write] to save the table and the chart.
+
+    Raises:
+        ValueError: `methods` or `training_seeds` is empty, two methods share a label, or
+            `sft_steps > 0` with `--use_peft` in `task_args`.
     """
     import torch
 

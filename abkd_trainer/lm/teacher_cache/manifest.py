@@ -35,7 +35,16 @@ CACHE_COLUMNS = ("topk_ids", "topk_log_probs", "tail_log_prob")
 
 @dataclass
 class SplitInfo:
-    """One cached split: its prepared dataset's size and fingerprint, and its shards."""
+    """One cached split: its prepared dataset's size and fingerprint, and its shards.
+
+    Args:
+        num_rows: Rows (prepared examples) of the split.
+        fingerprint: SHA-256 of the prepared dataset's token ids, labels and packed lengths.
+        shard_size: Rows per shard (the last shard may hold fewer).
+        num_shards: Shards the split is stored in, `ceil(num_rows / shard_size)`.
+        num_supervised_tokens: Cached positions over the split's shards; None until written.
+        num_bytes: The split's size on disk in bytes; None until written.
+    """
 
     num_rows: int
     fingerprint: str
@@ -50,9 +59,31 @@ class TeacherCacheManifest:
     """`manifest.json` of a teacher cache.
 
     `teacher`, `dataset`, `tokenizer_class` and `written_by` are informational; everything else
-    is checked against the training run (`TeacherCache.check_compatible`). `tokenizer_splitting`
-    (see `tokenizer_splitting`) is None in caches written before it was recorded: their
-    tokenizer's behaviour is then checked through the prepared datasets' fingerprints alone.
+    is checked against the training run
+    ([`TeacherCache.check_compatible`][abkd_trainer.lm.teacher_cache.reader.TeacherCache.check_compatible]).
+
+    Args:
+        teacher: The teacher's name or path.
+        tokenizer_fingerprint: SHA-256 of the tokenizer's vocabulary (added tokens included),
+            chat template and special tokens.
+        vocab_size: `len(tokenizer)`: the cached ids lie in `[0, vocab_size)`.
+        top_k: Tokens cached per position, `k`.
+        log_prob_dtype: Storage dtype of the log-probabilities: `"bfloat16"`, `"float16"` or
+            `"float32"`.
+        preprocessing: The settings that decide the prepared rows' positions and supervision
+            (max_length, packing, loss masks, shuffling seed, ...).
+        splits: Split name (`"train"`, `"eval"`) -> its
+            [`SplitInfo`][abkd_trainer.lm.teacher_cache.manifest.SplitInfo].
+        dataset: Split name -> the source dataset's `datasets` fingerprint (informational).
+        ids_dtype: Storage dtype of the token ids.
+        complete: Whether every shard is written; a reader refuses an incomplete cache.
+        format_version: The cache layout's version; a reader refuses another one.
+        written_by: The writer's `abkd_trainer` version and number of processes.
+        tokenizer_splitting: SHA-256 per part of how the tokenizer splits text (normalizer,
+            pre-tokenizer, model, post-processor, a probe text's ids). None in caches written
+            before it was recorded: the tokenizer's behaviour is then checked through the
+            prepared datasets' fingerprints alone.
+        tokenizer_class: The tokenizer's class name (informational).
     """
 
     teacher: str
@@ -71,10 +102,25 @@ class TeacherCacheManifest:
     tokenizer_class: str | None = None
 
     def to_json(self) -> str:
+        """The manifest as `manifest.json` text.
+
+        Returns:
+            Indented JSON with sorted keys and a final newline.
+        """
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> TeacherCacheManifest:
+        """Read a manifest from `manifest.json` text.
+
+        Fields this version does not know (a newer writer's) are ignored with a warning.
+
+        Args:
+            text: The JSON text.
+
+        Returns:
+            The manifest.
+        """
         data = json.loads(text)
         data["splits"] = {name: SplitInfo(**info) for name, info in data["splits"].items()}
         known = {item.name for item in fields(cls)}
@@ -84,7 +130,12 @@ class TeacherCacheManifest:
         return cls(**{key: value for key, value in data.items() if key in known})
 
     def settings(self) -> dict[str, Any]:
-        """What must agree between two runs writing into the same directory."""
+        """What must agree between two runs writing into the same directory.
+
+        Returns:
+            The teacher, tokenizer fingerprints, vocabulary size, `top_k`, log-probability dtype,
+            preprocessing, each split's `(num_rows, fingerprint, shard_size)` and format version.
+        """
         return {
             "teacher": self.teacher,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,

@@ -36,7 +36,26 @@ if TYPE_CHECKING:
 
 
 class TeacherCache:
-    """A teacher cache on disk: the manifest and, per split, the rows (memory-mapped Arrow)."""
+    """A teacher cache on disk: the manifest and, per split, the rows (memory-mapped Arrow).
+
+    Written by [`cache_teacher`][abkd_trainer.lm.teacher_cache.writer.cache_teacher] or
+    `abkd-cache-teacher`; `ABKDConfig(teacher_cache=...)` opens one for training. Rows are
+    numbered across the splits in manifest order (`train` first), each row holding the cached
+    teacher at every supervised position of one prepared example.
+
+    Args:
+        path: The cache directory (the writer's `output_dir`, holding `manifest.json`).
+
+    Attributes:
+        path: The cache directory.
+        manifest: The cache's
+            [`TeacherCacheManifest`][abkd_trainer.lm.teacher_cache.manifest.TeacherCacheManifest].
+
+    Raises:
+        FileNotFoundError: `path` holds no `manifest.json`.
+        ValueError: The cache has another format version, or is incomplete (its writer was
+            interrupted or still runs).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -64,10 +83,22 @@ class TeacherCache:
 
     @property
     def top_k(self) -> int:
+        """The number of tokens cached per position, `k`."""
         return self.manifest.top_k
 
     def dataset(self, split: str) -> Dataset:
-        """The cached rows of `split` (shards concatenated), formatted as numpy arrays."""
+        """The cached rows of `split` (shards concatenated), formatted as numpy arrays.
+
+        Args:
+            split: A cached split name, `"train"` or `"eval"`.
+
+        Returns:
+            A `datasets.Dataset` with the columns `topk_ids`, `topk_log_probs` and `tail_log_prob`,
+            one row per prepared example (loaded once, then kept).
+
+        Raises:
+            ValueError: The cache does not hold `split`.
+        """
         if split not in self._datasets:
             from datasets import concatenate_datasets, load_from_disk
 
@@ -89,7 +120,17 @@ class TeacherCache:
         return self.manifest.splits[split]
 
     def row_offset(self, split: str) -> int:
-        """Where `split` starts in the cache's row numbering (the splits in manifest order)."""
+        """Where `split` starts in the cache's row numbering (the splits in manifest order).
+
+        Args:
+            split: A cached split name.
+
+        Returns:
+            The number of rows of the splits before it.
+
+        Raises:
+            ValueError: The cache does not hold `split`.
+        """
         offset = 0
         for name, info in self.manifest.splits.items():
             if name == split:
@@ -99,8 +140,20 @@ class TeacherCache:
         raise AssertionError("unreachable")
 
     def rows(self, indices: Sequence[int]) -> CachedTeacher:
-        """The cached positions of the rows `indices` (numbered across splits, see
-        `row_offset`), concatenated in that order."""
+        """The cached positions of the rows `indices`, concatenated in that order.
+
+        Args:
+            indices: Row numbers across splits (see `row_offset`), e.g. the `teacher_cache_row`
+                column of a batch's examples.
+
+        Returns:
+            A `CachedTeacher` with one row per supervised position of those examples, in order:
+            `topk_ids` `(n, k)` int64, `topk_log_probs` `(n, k)` and `tail_log_prob` `(n,)` fp32
+            log-probabilities in nats (temperature 1).
+
+        Raises:
+            IndexError: An index is outside the cache.
+        """
         arrow_type, torch_dtype = LOG_PROB_DTYPES[self.manifest.log_prob_dtype]
         k = self.top_k
         columns: dict[str, list[np.ndarray]] = {name: [] for name in CACHE_COLUMNS}
@@ -152,13 +205,19 @@ class TeacherCache:
         preprocessing: dict[str, Any],
         datasets: dict[str, Dataset],
     ) -> None:
-        """Raise `ValueError` naming the first mismatch between the cache and a training run.
+        """Check that the cache was written for this training run.
 
         Args:
-            tokenizer: the training run's tokenizer (its vocabulary, chat template, special
+            tokenizer: The training run's tokenizer (its vocabulary, chat template, special
                 tokens and how it splits text).
-            preprocessing: `preprocessing_settings` of the run.
-            datasets: split name (`"train"`, `"eval"`) -> the run's prepared dataset.
+            preprocessing: `preprocessing_settings` of the run (max_length, packing, loss masks,
+                shuffling seed, ...).
+            datasets: Split name (`"train"`, `"eval"`) -> the run's prepared dataset.
+
+        Raises:
+            ValueError: The first mismatch, named with its fix: another tokenizer (vocabulary, chat
+                template, special tokens, or the way it splits text), other preprocessing settings,
+                a split the cache lacks, or a prepared dataset of another size or fingerprint.
         """
         manifest = self.manifest
         where = f"The teacher cache at {self.path}"

@@ -236,7 +236,14 @@ def cache_teacher(
         shard_size: prepared rows per shard, the unit of resumption and of work per process.
 
     Returns:
-        The cache directory (`args.output_dir`), complete on every process.
+        The cache directory (`args.output_dir`), complete on every process. A rerun of the same
+        command skips the shards already written (and does nothing on a complete cache).
+
+    Raises:
+        ValueError: `log_prob_dtype` is not one of the three, `top_k` or `shard_size` is not a
+            positive integer, `top_k` exceeds the tokenizer's vocabulary, or `args.output_dir`
+            holds a cache written with other settings (teacher, tokenizer, `top_k`, dtype,
+            preprocessing or data).
     """
     vocab_size = len(processing_class)
     _check_cache_arguments(top_k, log_prob_dtype, shard_size, vocab_size)
