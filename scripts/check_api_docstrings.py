@@ -56,24 +56,10 @@ DEFAULT_PAGES = ("docs/*.md", "docs/reference/*.md")
 # Rendered objects whose docstrings still miss parameters, in files that other work owns while
 # the API reference was completed. Complete the docstring and remove the object from this list.
 PENDING: tuple[str, ...] = (
-    # abkd_trainer/classification/ (classifier trainer work in progress): overridden Trainer
-    # methods, the inherited `DivergenceArguments` fields of the config, two helpers.
-    "abkd_trainer.classification.trainer.ABKDClassifierTrainer.call_model_init",
-    "abkd_trainer.classification.trainer.ABKDClassifierTrainer.get_batch_samples",
-    "abkd_trainer.classification.trainer.ABKDClassifierTrainer.teacher_logits",
-    "abkd_trainer.classification.trainer.ABKDClassifierTrainer.train",
-    "abkd_trainer.classification.trainer.ABKDClassifierTrainer.save_model",
+    # abkd_trainer/classification/config.py: the inherited `DivergenceArguments` fields.
     "abkd_trainer.classification.config.ABKDClassifierConfig",
-    "abkd_trainer.classification.inputs.split_model_inputs",
-    "abkd_trainer.classification.labels.LabelAlignment.teacher_to_student",
     # abkd_trainer/tools/sweep/ (sweep work in progress): the fields carry `help` metadata only.
     "abkd_trainer.tools.sweep.search_space.SweepArguments",
-    # abkd_trainer/lm/trainer.py: overridden Trainer methods with one-line docstrings.
-    "abkd_trainer.lm.trainer.ABKDTrainer.get_batch_samples",
-    "abkd_trainer.lm.trainer.ABKDTrainer.compute_loss",
-    "abkd_trainer.lm.trainer.ABKDTrainer.train",
-    "abkd_trainer.lm.trainer.ABKDTrainer.create_model_card",
-    "abkd_trainer.lm.trainer.ABKDTrainer.save_model",
 )
 
 # `::: identifier`, then its indented YAML options (if any).

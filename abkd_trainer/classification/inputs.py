@@ -66,6 +66,10 @@ def split_model_inputs(inputs: Mapping[str, Any]) -> ModelInputs:
 
     The teacher gets the batch's `teacher_<name>` entries as `<name>` when there is any, else
     the student's inputs.
+
+    Args:
+        inputs: one collated batch: the student's inputs, optional `teacher_` inputs and
+            `labels`.
     """
     labels = inputs.get("labels")
     student = {

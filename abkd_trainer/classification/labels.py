@@ -56,7 +56,11 @@ class LabelAlignment:
     class_names: tuple[str, ...] | None = None
 
     def teacher_to_student(self, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """The teacher's `(batch, C)` logits with their columns in the student's class order."""
+        """The teacher's `(batch, C)` logits with their columns in the student's class order.
+
+        Args:
+            teacher_logits: `(batch, C)` logits in the teacher's class order.
+        """
         if self.permutation is None:
             return teacher_logits
         return teacher_logits.index_select(-1, self.permutation.to(teacher_logits.device))

@@ -199,7 +199,11 @@ class ABKDClassifierTrainer(Trainer):
         return model
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        """Trainer's `model_init` call, then the student's preparation (`_prepare_student`)."""
+        """Trainer's `model_init` call, then the student's preparation (`_prepare_student`).
+
+        Args:
+            trial: the hyper-parameter search's trial, passed to `model_init`.
+        """
         return self._prepare_student(super().call_model_init(trial), self.args)
 
     def _set_up_teacher(self, teacher_model: str | nn.Module) -> None:
@@ -272,6 +276,15 @@ class ABKDClassifierTrainer(Trainer):
         The count is `labels != -100` over all micro-batches and (with
         `average_tokens_across_devices`) all processes. Trainer counts the same only for
         models whose `forward` takes `**kwargs`; here it is counted for every student.
+
+        Args:
+            epoch_iterator: the epoch's iterator over the training dataloader.
+            num_batches: micro-batches per optimizer step (gradient accumulation steps).
+            device: where the count is put.
+
+        Returns:
+            The micro-batches and their labelled-example count (a 0-d tensor), or None when a
+            batch has no labels.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples or any("labels" not in batch for batch in batch_samples):
@@ -334,7 +347,12 @@ class ABKDClassifierTrainer(Trainer):
 
     @torch.no_grad()
     def teacher_logits(self, teacher_inputs: dict[str, Any]) -> torch.Tensor:
-        """The frozen teacher's `(batch, num_labels)` logits, columns in the student's order."""
+        """The frozen teacher's `(batch, num_labels)` logits, columns in the student's order.
+
+        Args:
+            teacher_inputs: the teacher's model inputs of one batch (see
+                `abkd_trainer.classification.inputs.split_model_inputs`).
+        """
         self.teacher_model.eval()  # cheap, and robust to a caller that set train mode
         if self._teacher_dtype is not None:
             teacher_inputs = {
@@ -375,7 +393,14 @@ class ABKDClassifierTrainer(Trainer):
         """Trainer's `train`; `resume_from_checkpoint=True` skips incomplete checkpoints,
         starting afresh in an `output_dir` holding an earlier run warns (see
         `abkd_trainer.core.checkpoints.prepare_output_dir`), and a student saved under renamed
-        keys is restored (see `restore_renamed_checkpoint_weights`)."""
+        keys is restored (see `restore_renamed_checkpoint_weights`).
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, or True for the latest complete one in
+                `output_dir`; None or False starts afresh.
+            *args: passed to `Trainer.train`.
+            **kwargs: passed to `Trainer.train`.
+        """
         resume_from_checkpoint = prepare_output_dir(
             self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
         )
@@ -414,7 +439,11 @@ class ABKDClassifierTrainer(Trainer):
         card_path.write_text(card, encoding="utf-8")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the student (never the teacher) and, when called by the user, its model card."""
+        """Save the student (never the teacher) and, when called by the user, its model card.
+
+        Args:
+            output_dir: where to save (default: `args.output_dir`).
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.args.should_save:
             return  # checkpoints and push_to_hub write the card themselves

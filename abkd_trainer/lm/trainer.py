@@ -26,7 +26,6 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import (
     disable_dropout_in_model,
-    maybe_gather_lm_head_ctx,
 )
 
 from abkd_trainer.core.checkpoints import prepare_output_dir
@@ -38,8 +37,6 @@ from abkd_trainer.core.numerics import check_finite_step
 from abkd_trainer.core.objective import (
     METRIC_SUMS,
     DistillationObjective,
-    HiddenStates,
-    LinearHead,
     gradient_averaging_size,
     normalise_summed_loss,
 )
@@ -48,15 +45,14 @@ from abkd_trainer.divergences.coarsened import CachedTeacher
 from abkd_trainer.lm.batches import IGNORE_INDEX, input_token_count, next_token_targets
 from abkd_trainer.lm.config import ABKDConfig
 from abkd_trainer.lm.data import check_sft_datasets, check_supervised_tokens
+from abkd_trainer.lm.fused_forward import FusedForward
 from abkd_trainer.lm.model_card_settings import (
     ABKD_PAPER,
     add_distillation_card_sections,
     distillation_card_settings,
 )
 from abkd_trainer.lm.models import (
-    causal_lm,
     check_startup_outputs,
-    final_hidden_states,
     fused_logit_transforms,
 )
 from abkd_trainer.lm.on_policy import (
@@ -263,16 +259,19 @@ class ABKDTrainer(SFTTrainer):
         sums; `models` maps roles to the models as given."""
         args, self.distillation_objective = self.args, self._build_objective()
         # Each model's logit scale and soft-cap, which the fused loss applies to its projections.
-        self._logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
+        logit_transforms = fused_logit_transforms(models) if args.use_fused_loss else None
         # Partitioned ZeRO-3 parameters cannot run a forward before the engines exist; there the
         # per-step checks in compute_loss are the only ones (and the config-based logit transform
         # is trusted, as TRL's fused heads do).
         if not is_deepspeed_zero3_enabled():
-            check_startup_outputs(models, self.accelerator, self._logit_transforms)
+            check_startup_outputs(models, self.accelerator, logit_transforms)
         # The fused loss calls both backbones directly; routing those calls through the wrappers'
         # forward (DDP, DeepSpeed) keeps their hooks, e.g. ZeRO-3's gathering and gradient
         # reduction, working. TRL's DistillationTrainer does the same.
         self._forward_redirection = _ForwardRedirection()
+        self._fused_forward = FusedForward(
+            logit_transforms or {}, self.accelerator.unwrap_model, self._forward_redirection
+        )
         # Kept on the device between logs: adding to them never waits for the accelerator.
         self._metric_sums = MetricSums(_METRIC_SUMS, self.accelerator.device)
         # The divergence parameters of the latest loss per mode, logged next to the loss.
@@ -329,6 +328,15 @@ class ABKDTrainer(SFTTrainer):
         uses locally. Trainer's own count depends on the model class (GPT-2 counts unshifted
         labels) and is replaced here. With on-policy distillation the completions are sampled
         first, so the count is of the sampled tokens.
+
+        Args:
+            epoch_iterator: the epoch's iterator over the training dataloader.
+            num_batches: micro-batches per optimizer step (gradient accumulation steps).
+            device: where the count is put.
+
+        Returns:
+            The micro-batches and their supervised-token count (a 0-d tensor), or None for an
+            empty step.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
@@ -353,7 +361,19 @@ class ABKDTrainer(SFTTrainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The distillation loss of one micro-batch: both models' forwards, the objective
         (`self.distillation_objective`), normalised by the supervised tokens of the accumulated
-        batch, and the logged sums recorded."""
+        batch, and the logged sums recorded.
+
+        Args:
+            model: the student (as wrapped for training).
+            inputs: the collated micro-batch (`input_ids`, `attention_mask`, `labels`, ...).
+            return_outputs: also return the student's outputs (evaluation with metrics).
+            num_items_in_batch: supervised tokens of the whole accumulated (and, with
+                `average_tokens_across_devices`, all-process) batch; None normalises by this
+                micro-batch's.
+
+        Returns:
+            The scalar loss, or `(loss, student_outputs)`.
+        """
         mode = "train" if self.model.training else "eval"
         cached_teacher = pop_cached_teacher(inputs)  # this batch's teacher rows, from the cache
         targets = next_token_targets(inputs)
@@ -452,60 +472,15 @@ class ABKDTrainer(SFTTrainer):
             return self._forward_redirection(
                 model,
                 student,
-                self._objective_from_hidden_states,
+                self._fused_forward.objective_sums,
+                self.distillation_objective,
                 student,
+                self.teacher_model,
                 model_inputs,
                 targets,
                 divergence_params,
                 cached_teacher,
             )
-
-    def _objective_from_hidden_states(
-        self,
-        student: nn.Module,
-        model_inputs: dict[str, Any],
-        targets: torch.Tensor,
-        divergence_params: dict[str, float],
-        cached_teacher: CachedTeacher | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Both backbones' final hidden states, then the objective on them and the heads.
-
-        Runs inside the student wrapper's forward (see `_fused_objective`). Neither model's
-        logits are built: the objective's fused kernels project the supervised positions a tile
-        at a time (see `DistillationObjective.loss_from_hidden_states`).
-        """
-        student_lm = causal_lm(student)
-        student_states = self._hidden_states(
-            student_lm, final_hidden_states(student_lm, model_inputs), "student"
-        )
-        teacher = cached_teacher
-        if teacher is None:
-            teacher_lm = self.accelerator.unwrap_model(self.teacher_model)
-            with torch.no_grad():
-                # Through the teacher's own wrapper, so that a ZeRO-3 teacher gathers its layers.
-                teacher_hidden = self._forward_redirection(
-                    self.teacher_model, teacher_lm, final_hidden_states, teacher_lm, model_inputs
-                )
-            teacher = self._hidden_states(teacher_lm, teacher_hidden, "teacher")
-        heads = [student_states.head]
-        if isinstance(teacher, HiddenStates):
-            heads.append(teacher.head)
-        # Under ZeRO-3 the heads are partitioned and their own forward (which would gather them)
-        # never runs: gather them for the projection. The student's weight gradient is built
-        # here, in the forward, and reaches the partitioned parameter through autograd.
-        with maybe_gather_lm_head_ctx(*(t for head in heads for t in (head.weight, head.bias))):
-            output = self.distillation_objective.loss_from_hidden_states(
-                student_states, teacher, targets, divergence_params
-            )
-        return output.loss_sum, output.sums
-
-    def _hidden_states(self, model: nn.Module, hidden: torch.Tensor, role: str) -> HiddenStates:
-        """`hidden` with `model`'s LM head and the logit transform checked for `role`."""
-        head = model.get_output_embeddings()
-        return HiddenStates(
-            hidden,
-            LinearHead(head.weight, getattr(head, "bias", None), self._logit_transforms[role]),
-        )
 
     # ------------------------------------------------------------------ logging
 
@@ -538,7 +513,14 @@ class ABKDTrainer(SFTTrainer):
         """Trainer's `train`; `resume_from_checkpoint=True` skips incomplete checkpoints, and
         starting afresh in an `output_dir` that holds an earlier run warns (see
         `abkd_trainer.core.checkpoints.prepare_output_dir`). Resuming restores the on-policy
-        state too (the adaptive schedule's replay buffer, see `_save_checkpoint`)."""
+        state too (the adaptive schedule's replay buffer, see `_save_checkpoint`).
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, or True for the latest complete one in
+                `output_dir`; None or False starts afresh.
+            *args: passed to `Trainer.train`.
+            **kwargs: passed to `Trainer.train`.
+        """
         resume_from_checkpoint = prepare_output_dir(
             self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
         )
@@ -564,7 +546,13 @@ class ABKDTrainer(SFTTrainer):
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
     ) -> None:
-        """TRL's model card (tags, ABKD citation) plus a section on the distillation set-up."""
+        """TRL's model card (tags, ABKD citation) plus a section on the distillation set-up.
+
+        Args:
+            model_name: the card's model name (default: the output folder's name).
+            dataset_name: the training dataset's name or Hub id.
+            tags: extra Hub tags.
+        """
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
@@ -582,7 +570,11 @@ class ABKDTrainer(SFTTrainer):
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the student (never the teacher) and, when called by the user, its model card."""
+        """Save the student (never the teacher) and, when called by the user, its model card.
+
+        Args:
+            output_dir: where to save (default: `args.output_dir`).
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.args.should_save:
             return  # checkpoints and push_to_hub write the card themselves
