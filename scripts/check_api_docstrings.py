@@ -58,8 +58,6 @@ DEFAULT_PAGES = ("docs/*.md", "docs/reference/*.md")
 PENDING: tuple[str, ...] = (
     # abkd_trainer/classification/config.py: the inherited `DivergenceArguments` fields.
     "abkd_trainer.classification.config.ABKDClassifierConfig",
-    # abkd_trainer/tools/sweep/ (sweep work in progress): the fields carry `help` metadata only.
-    "abkd_trainer.tools.sweep.search_space.SweepArguments",
 )
 
 # `::: identifier`, then its indented YAML options (if any).

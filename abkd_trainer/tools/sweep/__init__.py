@@ -53,10 +53,16 @@ The modules, by concern:
 - `storage`: the storages, a journal's heartbeats, failing and re-queueing dead trials;
 - `study`: the study and its workers, `run_trainer_sweep` for any Trainer with a `model_init`;
 - `lm`: `run_sweep` for `ABKDTrainer`;
+- `classification`: `abkd-sweep --task classification`, the sweep of `ABKDClassifierTrainer`
+  runs (objective `eval_accuracy`; with no model, teacher and dataset, the digits demo);
 - `outputs`: `trials.csv`, the heat map, `best.yaml`;
 - `command`: the parser and `main`.
 """
 
+from abkd_trainer.tools.sweep.classification import (
+    ACCURACY_METRIC,
+    run_classifier_sweep_command,
+)
 from abkd_trainer.tools.sweep.command import (
     DESCRIPTION,
     SWEEP_DEFAULTS,
@@ -96,6 +102,7 @@ from abkd_trainer.tools.sweep.study import SweepResult, create_or_load_study, ru
 from abkd_trainer.tools.sweep.trials import claim_trial, counted_trials, trial_reason
 
 __all__ = [
+    "ACCURACY_METRIC",
     "DESCRIPTION",
     "REFERENCE_KL_METRIC",
     "REFERENCE_POINTS",
@@ -123,6 +130,7 @@ __all__ = [
     "open_storage",
     "parse_sweep_args",
     "reference_kl",
+    "run_classifier_sweep_command",
     "run_sweep",
     "run_trainer_sweep",
     "spare_final_evaluation",

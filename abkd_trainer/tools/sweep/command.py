@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "abkd-sweep: choose (alpha, beta) (and optionally learning rate and temperature) with Optuna."
 )
+# What `--task` sweeps: `abkd-train` runs, or `abkd-train-classifier` runs.
+TASKS = ("lm", "classification")
 # Defaults that differ from abkd-train's in every sweep: intermediate evaluations for the pruner,
 # no checkpoints (a trial's model is thrown away).
 SWEEP_DEFAULTS: dict[str, Any] = {
@@ -95,15 +97,24 @@ def yaml_value(value: Any) -> Any:
     return value
 
 
-def explicit_train_arguments(argv: Sequence[str], demo: bool) -> dict[str, Any]:
-    """The `abkd-train` settings given in `--config` and on the command line (no defaults).
+def explicit_train_arguments(
+    argv: Sequence[str],
+    demo: bool,
+    *,
+    parser: Any = None,
+    demo_trial: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training settings given in `--config` and on the command line (no defaults).
 
-    The sweep's own flags are left out; for the demo, the trial's length and batch size are
+    The sweep's own flags are left out; for the demo, the trial's length (and batch size) are
     added, since the demo sweep's trials are shorter than the demo.
 
     Args:
         argv: the command line without the program name.
         demo: whether the demo is swept.
+        parser: the sweep's parser; None: `make_sweep_parser()` (`abkd-train`'s flags).
+        demo_trial: the demo sweep's settings to add for the demo; None: the LM demo sweep's
+            `max_steps` and `per_device_train_batch_size`.
 
     Returns:
         Flag -> value, the base of `best.yaml`.
@@ -117,7 +128,7 @@ def explicit_train_arguments(argv: Sequence[str], demo: bool) -> dict[str, Any]:
         with open(argv[index + 1]) as handle:
             config = yaml.safe_load(handle) or {}
         del argv[index : index + 2]
-    parser = make_sweep_parser()
+    parser = parser or make_sweep_parser()
     for action in parser._actions:  # only what the user typed ends up in the namespace
         action.default = argparse.SUPPRESS
     given, _ = parser.parse_known_args(argv)
@@ -125,8 +136,9 @@ def explicit_train_arguments(argv: Sequence[str], demo: bool) -> dict[str, Any]:
     sweep_only = {f.name for f in fields(SweepArguments)}
     explicit = {key: yaml_value(value) for key, value in config.items() if key not in sweep_only}
     if demo:
-        for key in ("max_steps", "per_device_train_batch_size"):
-            explicit.setdefault(key, SWEEP_DEMO_DEFAULTS[key])
+        keys = ("max_steps", "per_device_train_batch_size")
+        for key, value in (demo_trial or {k: SWEEP_DEMO_DEFAULTS[k] for k in keys}).items():
+            explicit.setdefault(key, value)
     return explicit
 
 
@@ -251,29 +263,39 @@ def print_summary(result: SweepResult, seconds: float) -> None:
     print("Wrote " + ", ".join(str(path) for path in result.files))
 
 
-def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) -> int:
-    """Console entry point of `abkd-sweep` and `python -m abkd_trainer.tools.sweep`.
+def requested_task(argv: Sequence[str]) -> str:
+    """The `--task` of the sweep, from the command line or the `--config` YAML (default `lm`).
 
     Args:
-        argv: the command line without the program name; None reads `sys.argv`.
-        callbacks: more `TrainerCallback`s for the trainer of every trial (to embed the
-            command in a script).
+        argv: the command line without the program name.
 
-    Returns:
-        The exit status, 0.
+    Raises:
+        ValueError: an unknown task.
+    """
+    from abkd_trainer.cli.common import requested_values
+
+    task = str(requested_values(argv, ("task",)).get("task", "lm"))
+    if task not in TASKS:
+        raise ValueError(f"`--task` must be one of {', '.join(TASKS)}, got {task!r}.")
+    return task
+
+
+def run_lm_sweep_command(argv: Sequence[str], callbacks: Sequence[Any] = ()) -> SweepResult:
+    """Sweep `abkd-train` runs: parse, load the data and the student, run the study.
+
+    Args:
+        argv: the command line without the program name.
+        callbacks: more `TrainerCallback`s for the trainer of every trial.
     """
     from trl import get_peft_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    import_optuna()
     script_args, training_args, model_args, mixture_args, sweep_args, demo = parse_sweep_args(argv)
     student, tokenizer = lm_student_and_tokenizer(training_args, model_args, demo)
     train, evaluation, _ = sweep_data(
         script_args, mixture_args, sweep_args, training_args.seed, demo
     )
     rouge = rouge_rows(evaluation, script_args)
-    start = time.perf_counter()
-    result = run_sweep(
+    return run_sweep(
         student,
         None,  # the trainer loads args.teacher_model_name_or_path once
         training_args,
@@ -292,5 +314,30 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) ->
         best_config=explicit_train_arguments(argv, demo),
         callbacks=callbacks,
     )
+
+
+def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) -> int:
+    """Console entry point of `abkd-sweep` and `python -m abkd_trainer.tools.sweep`.
+
+    `--task lm` (the default) sweeps `abkd-train` runs, `--task classification`
+    `abkd-train-classifier` runs (`abkd_trainer.tools.sweep.classification`).
+
+    Args:
+        argv: the command line without the program name; None reads `sys.argv`.
+        callbacks: more `TrainerCallback`s for the trainer of every trial (to embed the
+            command in a script).
+
+    Returns:
+        The exit status, 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import_optuna()
+    start = time.perf_counter()
+    if requested_task(argv) == "classification":
+        from abkd_trainer.tools.sweep.classification import run_classifier_sweep_command
+
+        result = run_classifier_sweep_command(argv, callbacks)
+    else:
+        result = run_lm_sweep_command(argv, callbacks)
     print_summary(result, time.perf_counter() - start)
     return 0

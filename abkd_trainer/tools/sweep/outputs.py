@@ -38,11 +38,11 @@ def trial_rows(study: optuna.Study, metric: str, direction: str) -> list[dict[st
 
     Returns:
         The rows of `trials.csv`, in trial order: number, parameters, value, state, seconds,
-        metric, direction, the last reported step and value, the metrics a trial recorded
-        (`eval_rouge_l`, `eval_reference_kl`, the objective), whether the trial is a reference
-        point, its worker; then what became of it: `reason` (empty for a complete trial; pruned,
-        failed with its error, or its worker died), `retry_of` (the dead trial a re-run
-        replaces), `re_run_as` (the trial that re-runs a dead one), `resumed_from` (the
+        metric, direction, the last reported step and value, those of `eval_rouge_l`,
+        `eval_reference_kl` and the objective that some trial recorded, whether the trial is a
+        reference point, its worker; then what became of it: `reason` (empty for a complete
+        trial; pruned, failed with its error, or its worker died), `retry_of` (the dead trial a
+        re-run replaces), `re_run_as` (the trial that re-runs a dead one), `resumed_from` (the
         checkpoint a re-run resumed from) and `start_step` (the step its training started at).
     """
     trials = [
@@ -55,7 +55,7 @@ def trial_rows(study: optuna.Study, metric: str, direction: str) -> list[dict[st
     metric_names = [
         name
         for name in dict.fromkeys((ROUGE_L_METRIC, REFERENCE_KL_METRIC, metric))
-        if name in recorded or name in (ROUGE_L_METRIC, REFERENCE_KL_METRIC)
+        if name in recorded
     ]
     replaced_by = re_runs(study)
     return [

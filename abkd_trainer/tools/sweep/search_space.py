@@ -29,8 +29,56 @@ MAX_STEPS_ATTR = "max_steps"
 
 @dataclass
 class SweepArguments:
-    """The arguments `abkd-sweep` adds to those of `abkd-train`."""
+    """The arguments `abkd-sweep` adds to those of `abkd-train` (or `abkd-train-classifier`).
 
+    Each is also a flag (`--n_trials 32`) and a `--config` YAML key; `--help` shows the same
+    descriptions.
+
+    Parameters: Task and study
+        task: `"lm"` sweeps `abkd-train` runs, `"classification"` `abkd-train-classifier` runs.
+        n_trials: trials of the study in total, finished (complete or pruned), shared by all
+            workers of one study; failed trials do not count.
+        storage: where the study lives: None (memory, one worker), an SQLAlchemy URL
+            (`sqlite:///sweep.db`, `postgresql+psycopg2://user:pass@host/db`) or a journal file
+            (`journal:///shared/sweep.log`, or a path ending in `.log`).
+        study_name: the Optuna study; workers with the same `storage` and `study_name` share it.
+
+    Parameters: Search space
+        sampler: `"tpe"` (Optuna's TPE) or `"grid"` (`grid_alpha` x `grid_beta`).
+        alpha_range: low and high alpha of the TPE search.
+        beta_range: low and high beta of the TPE search.
+        grid_alpha: the alpha values of the grid.
+        grid_beta: the beta values of the grid.
+        learning_rate_range: if set, the learning rate is searched too, log-uniformly.
+        temperature_range: if set, the divergence temperature is searched too.
+        enqueue_reference_points: start a new TPE study with forward KL, reverse KL and the
+            paper's settings (those inside the ranges).
+
+    Parameters: Objective and pruning
+        objective_metric: the metric of `Trainer.evaluate` to optimise; None: `eval_rouge_l` or
+            `eval_reference_kl` for `task="lm"`, `eval_accuracy` for classifiers.
+        direction: `"maximize"` or `"minimize"`; None infers it from the metric's name.
+        pruner_startup_trials: trials the median pruner never prunes before pruning starts.
+        pruner_warmup_steps: training steps of a trial before it may be pruned.
+        no_pruning: run every trial to the end.
+        heldout_fraction: without a test split, this fraction of the training rows (at most
+            1000) is held out for evaluation (`task="lm"`).
+
+    Parameters: Preemption
+        heartbeat_interval: seconds between the heartbeats of a running trial.
+        grace_period: seconds without a heartbeat after which a running trial is dead (its
+            worker killed or preempted) and re-run; None: twice `heartbeat_interval`.
+        max_retries: how often the parameters of a trial whose worker died are re-run.
+    """
+
+    task: str = field(
+        default="lm",
+        metadata={
+            "help": "What to sweep: 'lm' (abkd-train runs of ABKDTrainer) or 'classification' "
+            "(abkd-train-classifier runs of ABKDClassifierTrainer; objective eval_accuracy). "
+            "The other flags are those of that command."
+        },
+    )
     n_trials: int = field(
         default=16,
         metadata={
@@ -81,9 +129,10 @@ class SweepArguments:
         default=None,
         metadata={
             "help": "Metric of Trainer.evaluate to optimise, e.g. eval_rouge_l, "
-            "eval_reference_kl, eval_loss, eval_teacher_agreement. None: eval_rouge_l when the "
-            "test split has prompts and references, else eval_reference_kl (forward KL to the "
-            "teacher, the same divergence for every trial)."
+            "eval_reference_kl, eval_loss, eval_teacher_agreement, eval_accuracy. None: for "
+            "--task lm eval_rouge_l when the test split has prompts and references, else "
+            "eval_reference_kl (forward KL to the teacher, the same divergence for every "
+            "trial); for --task classification eval_accuracy."
         },
     )
     direction: str | None = field(
@@ -140,6 +189,8 @@ class SweepArguments:
     def __post_init__(self) -> None:
         if self.n_trials < 1:
             raise ValueError(f"`n_trials` must be >= 1, got {self.n_trials}.")
+        if self.task not in ("lm", "classification"):
+            raise ValueError(f"`task` must be 'lm' or 'classification', got {self.task!r}.")
         if self.sampler not in ("tpe", "grid"):
             raise ValueError(f"`sampler` must be 'tpe' or 'grid', got {self.sampler!r}.")
         if self.direction not in (None, "maximize", "minimize"):

@@ -158,6 +158,7 @@ def run_trainer_sweep(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     metrics_callback: Callable[[Callable[[], Any]], Any] = TrialMetricsCallback,
+    command: str = "abkd-train",
 ) -> SweepResult:
     """Run the study's trials on `trainer` until it holds `n_trials` finished ones; write outputs.
 
@@ -178,6 +179,8 @@ def run_trainer_sweep(
         pruner: an Optuna pruner replacing the one `sweep_args` describes.
         metrics_callback: builds the callback that records each trial's metrics, from a function
             returning the running trial (`TrialMetricsCallback` by default).
+        command: the training command that runs `best.yaml` (`abkd-train`,
+            `abkd-train-classifier`), for its header.
 
     Returns:
         The study, the objective and the files written.
@@ -207,7 +210,7 @@ def run_trainer_sweep(
     running["trial"] = None
 
     files = write_sweep_outputs(
-        study, sweep_args, metric, direction, trainer.args.output_dir, best_config
+        study, sweep_args, metric, direction, trainer.args.output_dir, best_config, command
     )
     best = best_trial(study)
     return SweepResult(
