@@ -243,14 +243,21 @@ class ABKDClassifierTrainer(Trainer):
             teacher_name=getattr(self, "teacher_name", None) or model_name(teacher),
         )
 
-    def _set_up_loss(self) -> None:
-        """The objective and the metric sums (kept on the device between logs)."""
-        self.distillation_objective = DistillationObjective.from_config(
+    def _build_objective(self) -> DistillationObjective:  # (Trainer's `objective` is HP search's)
+        return DistillationObjective.from_config(
             self.args,
             divergence_weight=self.args.kd_weight,
             ce_weight=self.args.ce_weight,
             logit_standardization=self.args.logit_standardization,
         )
+
+    def _hp_search_setup(self, trial: Any) -> None:  # the objective follows the trial's args
+        super()._hp_search_setup(trial)
+        self.distillation_objective = self._build_objective()
+
+    def _set_up_loss(self) -> None:
+        """The objective and the metric sums (kept on the device between logs)."""
+        self.distillation_objective = self._build_objective()
         self._metric_sums = MetricSums(CLASSIFIER_METRIC_SUMS, self.accelerator.device)
         # The divergence parameters of the latest loss per mode, logged next to the loss.
         self._last_divergence_params: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
@@ -404,12 +411,17 @@ class ABKDClassifierTrainer(Trainer):
         resume_from_checkpoint = prepare_output_dir(
             self.args, resume_from_checkpoint, is_main_process=self.is_world_process_zero()
         )
-        # Trainer's resume misses weights saved under renamed keys (ViT in transformers 5);
-        # DeepSpeed and FSDP restore their own checkpoints, model_init rebuilds the student.
-        distributed_checkpoint = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if resume_from_checkpoint and not distributed_checkpoint and self.model_init is None:
-            restore_renamed_checkpoint_weights(self.model, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        # Trainer's load misses weights saved under renamed keys (ViT in transformers 5). Here,
+        # not in train(): with a model_init, Trainer rebuilds the student first, then loads.
+        # DeepSpeed restores its own checkpoints and never calls this.
+        if not self.is_fsdp_enabled:
+            restore_renamed_checkpoint_weights(model or self.model, resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Trainer's model card (tags `abkd`, `knowledge-distillation`) plus the teacher, the

@@ -250,7 +250,11 @@ def build_image_trainer(
     from abkd_trainer import ABKDClassifierConfig, ABKDClassifierTrainer
 
     return ABKDClassifierTrainer(
-        model=build_resnet_classifier() if student is None else student,
+        model=None
+        if "model_init" in (trainer_kwargs or {})
+        else build_resnet_classifier()
+        if student is None
+        else student,
         teacher_model=build_vit_classifier() if teacher is None else teacher,
         args=ABKDClassifierConfig(**classifier_training_kwargs(output_dir, **config_overrides)),
         train_dataset=build_image_dataset() if train_dataset is None else train_dataset,

@@ -327,11 +327,18 @@ def test_missing_teacher_and_labels_are_explained(tmp_path):
         trainer.train()
 
 
-def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("with_model_init", [False, True], ids=["model", "model_init"])
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path, with_model_init):
+    # A ViT student: transformers 5 saves it under renamed keys, which Trainer's resume misses.
+    # With a model_init, Trainer rebuilds the student before loading the checkpoint.
+    def student():
+        return build_vit_classifier(hidden_size=16, num_layers=1, seed=4)
+
     def run(output_dir, **kwargs):
         trainer = build_image_trainer(
             output_dir,
-            student=build_vit_classifier(hidden_size=16, num_layers=1, seed=4),
+            student=None if with_model_init else student(),
+            trainer_kwargs={"model_init": student} if with_model_init else None,
             max_steps=4,
             per_device_train_batch_size=2,
             save_strategy="steps",
@@ -351,3 +358,27 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     expected = [log["kd_loss"] for log in uninterrupted.state.log_history if "kd_loss" in log]
     # The resumed history is the checkpoint's (steps 1-2) followed by steps 3-4 trained anew.
     assert losses == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_search_trial_trains_with_its_own_temperature_and_weights(tmp_path):
+    # Trainer writes a trial's parameters into `args`; the objective (built once at
+    # construction) must follow them, or every trial would train with the first settings.
+    trainer = build_image_trainer(
+        tmp_path,
+        eval_dataset=build_image_dataset(4),
+        trainer_kwargs={"model_init": lambda: build_resnet_classifier()},
+        max_steps=1,
+        temperature=4.0,
+    )
+
+    def hp_space(trial):
+        return {
+            "temperature": trial.suggest_float("temperature", 2.5, 2.5),
+            "kd_weight": trial.suggest_float("kd_weight", 3.0, 3.0),
+        }
+
+    trainer.hyperparameter_search(
+        hp_space=hp_space, backend="optuna", n_trials=1, compute_objective=lambda m: m["eval_loss"]
+    )
+    objective = trainer.distillation_objective
+    assert (objective.temperature, objective.divergence_weight) == (2.5, 3.0)

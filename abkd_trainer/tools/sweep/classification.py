@@ -96,9 +96,8 @@ def classifier_model_init(inputs: Any, training_args: Any, demo: bool) -> Callab
 
     The Trainer seeds every trial (`set_seed(args.seed)`) before calling it with the trial; the
     trainer then prepares each student as it prepared the first (PEFT adapters, dropout, the
-    teacher's classes). For a re-run that resumes from a checkpoint, the checkpoint's weights are
-    loaded here when they were saved under other key names (ViT in transformers 5:
-    `restore_renamed_checkpoint_weights`), since Trainer's own resume would silently miss them.
+    teacher's classes). A re-run that resumes from a checkpoint gets the checkpoint's weights
+    from the trainer, which loads weights saved under renamed keys (ViT in transformers 5) too.
 
     Args:
         inputs: the run's inputs (`abkd_trainer.cli.train_classifier.RunInputs`); `inputs.model`
@@ -107,11 +106,7 @@ def classifier_model_init(inputs: Any, training_args: Any, demo: bool) -> Callab
             `teacher_model_name_or_path` and `seed` for the demo's, `output_dir`).
         demo: whether the demo is swept.
     """
-    from abkd_trainer.classification.models import (
-        load_classifier,
-        restore_renamed_checkpoint_weights,
-    )
-    from abkd_trainer.tools.sweep.study import resume_checkpoint
+    from abkd_trainer.classification.models import load_classifier
 
     if demo:
         from transformers import AutoConfig
@@ -125,9 +120,6 @@ def classifier_model_init(inputs: Any, training_args: Any, demo: bool) -> Callab
             model = build_demo_student(teacher_config, seed=training_args.seed)
         else:
             model = load_classifier(inputs.model, training_args.model_init_kwargs, who="student")
-        checkpoint = None if trial is None else resume_checkpoint(trial, training_args.output_dir)
-        if checkpoint is not None:
-            restore_renamed_checkpoint_weights(model, checkpoint)
         return model
 
     return model_init
