@@ -123,16 +123,27 @@ def script_arguments_class() -> type:
     return ClassifierScriptArguments
 
 
-def make_parser(prog: str | None = PROG) -> TrlParser:
-    """The `abkd-train-classifier` parser: script arguments, ABKDClassifierConfig, ModelConfig."""
+def make_parser(
+    prog: str | None = PROG,
+    extra_dataclass_types: Sequence[type] = (),
+    description: str | None = None,
+) -> TrlParser:
+    """The `abkd-train-classifier` parser: script arguments, ABKDClassifierConfig, ModelConfig.
+
+    Args:
+        prog: the program name shown by `--help`.
+        extra_dataclass_types: parsed after those three (`abkd-sweep --task classification`
+            adds its own).
+        description: the `--help` description (default: this command's).
+    """
     from trl import ModelConfig, TrlParser
 
     from abkd_trainer.classification.config import ABKDClassifierConfig
 
     parser = TrlParser(
-        (script_arguments_class(), ABKDClassifierConfig, ModelConfig),
+        (script_arguments_class(), ABKDClassifierConfig, ModelConfig, *extra_dataclass_types),
         prog=prog,
-        description=__doc__.split("\n\n")[0],
+        description=description or __doc__.split("\n\n")[0],
         epilog="Every flag can also be set in a YAML file given with --config FILE.yaml (flags on "
         "the command line win). With no model, teacher and dataset, the offline demo runs.",
     )

@@ -35,29 +35,15 @@ CLASSIFIER_SWEEP_DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def make_classifier_sweep_parser() -> Any:
-    """The `abkd-train-classifier` parser with `SweepArguments` added.
+    """The `abkd-train-classifier` parser with `SweepArguments` added."""
+    from abkd_trainer.cli.train_classifier import make_parser
 
-    The parser of `abkd_trainer.cli.train_classifier` takes no extra dataclasses, so this one is
-    built the same way: a `TrlParser` over its script arguments, `ABKDClassifierConfig`,
-    `ModelConfig` and `SweepArguments`, with no PEFT task type (TRL's default wraps a classifier
-    in a causal-LM adapter class).
-    """
-    from trl import ModelConfig, TrlParser
-
-    from abkd_trainer.classification.config import ABKDClassifierConfig
-    from abkd_trainer.cli.train_classifier import script_arguments_class
-
-    parser = TrlParser(
-        (script_arguments_class(), ABKDClassifierConfig, ModelConfig, SweepArguments),
-        prog=CLASSIFIER_PROG,
+    return make_parser(
+        CLASSIFIER_PROG,
+        (SweepArguments,),
         description="abkd-sweep for classifiers: choose (alpha, beta) (and optionally learning "
         "rate and temperature) of abkd-train-classifier runs with Optuna.",
-        epilog="Every flag can also be set in a YAML file given with --config FILE.yaml (flags on "
-        "the command line win). With no model, teacher and dataset, the offline digits demo is "
-        "swept.",
     )
-    parser.set_defaults_with_config(lora_task_type=None)
-    return parser
 
 
 def parse_classifier_sweep_args(argv: Sequence[str]) -> tuple[Any, Any, Any, SweepArguments, bool]:
