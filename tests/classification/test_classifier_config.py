@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import subprocess
 import sys
 
 import pytest
 from classifier_factories import build_image_trainer, classifier_training_kwargs
+from testing_utils import load_script
 from transformers import HfArgumentParser, TrainingArguments
 
 import abkd_trainer
 from abkd_trainer import ABKDClassifierConfig, ABKDClassifierTrainer
+from abkd_trainer.core.divergence_arguments import DivergenceArguments
+
+reference = load_script("scripts/generate_config_reference.py", "generate_config_reference")
 
 
 def test_public_names_are_exported_lazily():
@@ -20,12 +26,13 @@ def test_public_names_are_exported_lazily():
     assert abkd_trainer.ABKDClassifierTrainer.__module__ == "abkd_trainer.classification.trainer"
 
 
-def test_defaults(tmp_path):
+def test_defaults_are_the_authors_ablsd_recipe(tmp_path):
+    # Chosen from benchmarks/compare_classifier_divergences.py (see the config's docstring).
     config = ABKDClassifierConfig(str(tmp_path))
-    assert (config.divergence, config.alpha, config.beta) == ("ab", 0.8, 0.3)
-    assert (config.temperature, config.kd_weight, config.ce_weight) == (4.0, 1.0, 1.0)
+    assert (config.divergence, config.alpha, config.beta) == ("ab", 0.9, 0.3)
+    assert (config.temperature, config.kd_weight, config.ce_weight) == (2.0, 9.0, 0.1)
     assert config.ab_warmup_ratio == 0.0
-    assert config.logit_standardization is False
+    assert config.logit_standardization is True
     assert config.label_names == ["labels"]
     # TrainingArguments' own defaults are kept (fp32 training).
     assert config.bf16 is False and config.fp16 is False
@@ -68,13 +75,13 @@ def test_command_line_flags_are_the_fields(tmp_path):
             "--ce_weight",
             "0.5",
             "--logit_standardization",
-            "true",
+            "false",
             "--divergence",
             "fkl",
         ]
     )
     assert (config.kd_weight, config.ce_weight, config.divergence) == (12.5, 0.5, "fkl")
-    assert config.logit_standardization is True
+    assert config.logit_standardization is False  # Hinton's KD: raw logits
     help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config)}
     assert "lambda * T**2" in help_text["kd_weight"]
 
@@ -90,7 +97,7 @@ def test_training_arguments_are_converted(tmp_path):
     ).args
     assert isinstance(converted, ABKDClassifierConfig)
     assert converted.learning_rate == 0.125
-    assert converted.alpha == 0.8  # the classifier defaults fill the rest
+    assert converted.alpha == ABKDClassifierConfig("unused").alpha  # the classifier's defaults
 
 
 def test_config_docstring_maps_hintons_kd():
@@ -108,3 +115,39 @@ def test_the_classifier_package_imports_neither_the_lm_package_nor_trl():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def docstring_entries(cls: type) -> dict[str, str]:
+    """`name -> entry text` (lines joined) of the field entries in the docstring's groups."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in inspect.getdoc(cls).splitlines():
+        if match := re.match(r"^    (\w+): (.*)$", line):
+            name = match.group(1)
+            entries[name] = match.group(2)
+        elif name and line.startswith("        "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return entries
+
+
+def test_every_field_the_config_adds_is_in_exactly_one_docstring_group():
+    groups = reference.field_groups(ABKDClassifierConfig)
+    grouped = [name for _, names in groups for name in names]
+    added = [f.name for f in reference._own_fields(ABKDClassifierConfig, TrainingArguments)]
+    assert sorted(grouped) == sorted(added)
+    assert len(grouped) == len(set(grouped))
+    assert [title for title, _ in groups][:2] == [
+        "Distillation objective",
+        "Schedule of alpha and beta",
+    ]
+
+
+def test_shared_divergence_fields_are_documented_as_in_the_mixin_unless_their_default_changed():
+    changed = {"alpha", "beta", "temperature", "ab_warmup_ratio"}  # the classifier's own defaults
+    ours, mixin = docstring_entries(ABKDClassifierConfig), docstring_entries(DivergenceArguments)
+    shared = {f.name for f in dataclasses.fields(DivergenceArguments)}
+    assert [name for name in shared - changed if ours[name] != mixin[name]] == []
+    for name in changed:
+        assert ours[name] != mixin[name] and "default" in ours[name], name

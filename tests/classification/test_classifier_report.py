@@ -58,10 +58,11 @@ def test_report_records_the_objective_of_the_divergence_used(tmp_path):
     assert training["max_steps"] == 20 and training["wall_time_s"] == 3.2
     assert report["evaluation"]["num_examples"] == 50 and report["environment"] == {"torch": "x"}
     ab = make_classifier_report(
-        before=BEFORE, after=AFTER, training_args=config(tmp_path), teacher="t", student="s",
-        dataset="d", test_split="test", num_test_examples=50,
+        before=BEFORE, after=AFTER, training_args=config(tmp_path, alpha=0.6, beta=0.4),
+        teacher="t", student="s", dataset="d", test_split="test", num_test_examples=50,
     )  # fmt: skip
-    assert (ab["training"]["alpha"], ab["training"]["beta"]) == (0.8, 0.3)
+    assert (ab["training"]["alpha"], ab["training"]["beta"]) == (0.6, 0.4)
+    assert ab["training"]["logit_standardization"] is True  # the default, recorded
     assert "environment" not in ab
 
 
