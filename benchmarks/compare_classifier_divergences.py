@@ -61,6 +61,8 @@ COMMON_SETTINGS: dict[str, Any] = {
     "kd_weight": 16.0,
     "ce_weight": 1.0,
     "ab_warmup_ratio": 0.0,
+    # Pinned: a run must not depend on the config's defaults (raw logits unless a row says so).
+    "logit_standardization": False,
 }
 TRAINING_SETTINGS: dict[str, Any] = {
     "per_device_train_batch_size": 64,

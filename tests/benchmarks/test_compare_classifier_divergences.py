@@ -56,6 +56,13 @@ def test_every_method_has_the_same_budget_schedule_data_and_seed():
         assert (config["max_steps"], config["seed"]) == (123, 3)
         assert {key: config[key] for key in method.overrides} == dict(method.overrides)
     assert overridden.isdisjoint(compare.TRAINING_SETTINGS)  # no method changes the optimiser
+    # A run must not depend on ABKDClassifierConfig's defaults, which the measurement chooses.
+    pinned = ("temperature", "kd_weight", "ce_weight", "ab_warmup_ratio", "logit_standardization")
+    for method in compare.METHODS.values():
+        config = compare.run_config(method, 0, 1, "out")
+        assert all(key in config for key in pinned), method.key
+        if config.get("divergence") == "ab":
+            assert {"alpha", "beta"} <= set(config), method.key
 
 
 def test_runs_go_by_start_then_seed_then_method_and_a_rerun_trains_nothing(tmp_path):
