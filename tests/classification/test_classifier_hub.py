@@ -45,7 +45,9 @@ def evaluated_trainer(tmp_path, **overrides):
 
 
 def test_model_card_names_the_teacher_the_settings_and_the_evaluation(tmp_path):
-    trainer = evaluated_trainer(tmp_path / "run", divergence="ab", alpha=0.6, beta=0.4)
+    trainer = evaluated_trainer(
+        tmp_path / "run", divergence="ab", alpha=0.6, beta=0.4, temperature=4.0, kd_weight=1.0
+    )
     trainer.save_model()
     card = ModelCard.load(tmp_path / "run" / "README.md")
     assert {"abkd", "knowledge-distillation"} <= set(card.data.tags)

@@ -91,6 +91,10 @@ def test_logged_metrics_are_means_over_the_examples_of_the_logging_period(tmp_pa
         logging_steps=2,
         dataloader_drop_last=True,
         per_device_train_batch_size=4,
+        alpha=0.8,
+        beta=0.3,
+        temperature=4.0,
+        logit_standardization=False,
     )
     trainer.train()
     (log,) = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
