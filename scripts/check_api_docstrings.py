@@ -55,10 +55,7 @@ DEFAULT_PAGES = ("docs/*.md", "docs/reference/*.md")
 
 # Rendered objects whose docstrings still miss parameters, in files that other work owns while
 # the API reference was completed. Complete the docstring and remove the object from this list.
-PENDING: tuple[str, ...] = (
-    # abkd_trainer/classification/config.py: the inherited `DivergenceArguments` fields.
-    "abkd_trainer.classification.config.ABKDClassifierConfig",
-)
+PENDING: tuple[str, ...] = ()
 
 # `::: identifier`, then its indented YAML options (if any).
 BLOCK = re.compile(r"^::: (?P<identifier>\S+)[ \t]*\n(?P<options>(?:(?:[ \t]+.*)?\n)*)", re.M)
