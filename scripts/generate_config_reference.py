@@ -29,7 +29,7 @@ END_MARKER = "<!-- END CONFIG REFERENCE -->"
 REFERENCE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "configuration.md"
 
 
-def _own_fields(cls: type, base: type) -> list[dataclasses.Field]:
+def own_fields(cls: type, base: type) -> list[dataclasses.Field]:
     """Fields `cls` adds to `base`, or redefines with a different help text."""
     inherited = {f.name: f.metadata.get("help") for f in dataclasses.fields(base)}
     return [
@@ -132,7 +132,7 @@ def render_config_reference() -> str:
         "fields ABKD adds, in the groups of its "
         "[API reference][abkd_trainer.lm.config.ABKDConfig]:",
         "",
-        *grouped_tables(ABKDConfig, _own_fields(ABKDConfig, SFTConfig)),
+        *grouped_tables(ABKDConfig, own_fields(ABKDConfig, SFTConfig)),
         "",
         "## Script arguments of abkd-train",
         "",
@@ -141,7 +141,7 @@ def render_config_reference() -> str:
         "(`--model_name_or_path`, `--dtype`, `--use_peft`, `--lora_r`, ...), and adds or "
         "redefines these:",
         "",
-        *_table(script_arguments, _own_fields(script_arguments, ScriptArguments)),
+        *_table(script_arguments, own_fields(script_arguments, ScriptArguments)),
         "",
         END_MARKER,
     ]

@@ -10,7 +10,9 @@ Names in this module are imported by the tests of several sub-packages: keep the
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -451,3 +453,19 @@ def load_script(relative_path: str, module_name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def docstring_field_entries(cls: type) -> dict[str, str]:
+    """`name -> entry text` (its lines joined) of every field entry in a config's docstring
+    groups (`Parameters: <title>` sections, entries indented 4, continuations 8)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in inspect.getdoc(cls).splitlines():
+        if match := re.match(r"^    (\w+): (.*)$", line):
+            name = match.group(1)
+            entries[name] = match.group(2)
+        elif name and line.startswith("        "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return entries

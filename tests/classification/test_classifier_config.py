@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import subprocess
 import sys
 
 import pytest
 from classifier_factories import build_image_trainer, classifier_training_kwargs
-from testing_utils import load_script
+from testing_utils import docstring_field_entries, load_script
 from transformers import HfArgumentParser, TrainingArguments
 
 import abkd_trainer
@@ -117,25 +115,10 @@ def test_the_classifier_package_imports_neither_the_lm_package_nor_trl():
     assert result.stdout.strip() == "[]"
 
 
-def docstring_entries(cls: type) -> dict[str, str]:
-    """`name -> entry text` (lines joined) of the field entries in the docstring's groups."""
-    entries: dict[str, str] = {}
-    name = None
-    for line in inspect.getdoc(cls).splitlines():
-        if match := re.match(r"^    (\w+): (.*)$", line):
-            name = match.group(1)
-            entries[name] = match.group(2)
-        elif name and line.startswith("        "):
-            entries[name] += " " + line.strip()
-        else:
-            name = None
-    return entries
-
-
 def test_every_field_the_config_adds_is_in_exactly_one_docstring_group():
     groups = reference.field_groups(ABKDClassifierConfig)
     grouped = [name for _, names in groups for name in names]
-    added = [f.name for f in reference._own_fields(ABKDClassifierConfig, TrainingArguments)]
+    added = [f.name for f in reference.own_fields(ABKDClassifierConfig, TrainingArguments)]
     assert sorted(grouped) == sorted(added)
     assert len(grouped) == len(set(grouped))
     assert [title for title, _ in groups][:2] == [
@@ -146,7 +129,10 @@ def test_every_field_the_config_adds_is_in_exactly_one_docstring_group():
 
 def test_shared_divergence_fields_are_documented_as_in_the_mixin_unless_their_default_changed():
     changed = {"alpha", "beta", "temperature", "ab_warmup_ratio"}  # the classifier's own defaults
-    ours, mixin = docstring_entries(ABKDClassifierConfig), docstring_entries(DivergenceArguments)
+    ours, mixin = (
+        docstring_field_entries(ABKDClassifierConfig),
+        docstring_field_entries(DivergenceArguments),
+    )
     shared = {f.name for f in dataclasses.fields(DivergenceArguments)}
     assert [name for name in shared - changed if ours[name] != mixin[name]] == []
     for name in changed:

@@ -4,10 +4,8 @@ cover every field ABKD adds, with the shared divergence fields documented alike.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 
-from testing_utils import load_script
+from testing_utils import docstring_field_entries, load_script
 from trl import SFTConfig
 
 from abkd_trainer.core.divergence_arguments import DivergenceArguments
@@ -16,25 +14,10 @@ from abkd_trainer.lm.config import ABKDConfig
 reference = load_script("scripts/generate_config_reference.py", "generate_config_reference")
 
 
-def _entries(cls: type) -> dict[str, str]:
-    """`name -> entry text` (its lines joined) of every field entry in the docstring's groups."""
-    entries: dict[str, str] = {}
-    name = None
-    for line in inspect.getdoc(cls).splitlines():
-        if match := re.match(r"^    (\w+): (.*)$", line):
-            name = match.group(1)
-            entries[name] = match.group(2)
-        elif name and line.startswith("        "):
-            entries[name] += " " + line.strip()
-        else:
-            name = None
-    return entries
-
-
 def test_every_field_abkd_adds_is_in_exactly_one_docstring_group():
     groups = reference.field_groups(ABKDConfig)
     grouped = [name for _, names in groups for name in names]
-    added = [f.name for f in reference._own_fields(ABKDConfig, SFTConfig)]
+    added = [f.name for f in reference.own_fields(ABKDConfig, SFTConfig)]
     assert sorted(grouped) == sorted(added)
     assert len(grouped) == len(set(grouped))
     titles = [title for title, _ in groups]
@@ -48,7 +31,10 @@ def test_the_mixins_groups_are_the_configs_first_two_with_the_same_entries():
     assert {name for _, names in mixin_groups for name in names} == mixin_fields
     for title, names in mixin_groups:
         assert set(names) <= set(config_groups[title]), title
-    config_entries, mixin_entries = _entries(ABKDConfig), _entries(DivergenceArguments)
+    config_entries, mixin_entries = (
+        docstring_field_entries(ABKDConfig),
+        docstring_field_entries(DivergenceArguments),
+    )
     differing = [name for name in mixin_fields if config_entries[name] != mixin_entries[name]]
     assert not differing, f"ABKDConfig documents these shared fields differently: {differing}"
 
